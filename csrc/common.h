@@ -1,0 +1,57 @@
+// Argument checks shared by the CPU and CUDA kernels: each error names the argument at fault.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace iic_ext {
+
+inline void check_clip(const at::Tensor& clip, const char* name = "clip") {
+  TORCH_CHECK(clip.dim() == 5, name, " must be [B, C, T, H, W], got shape ", clip.sizes());
+  TORCH_CHECK(clip.size(2) >= 1 || clip.numel() == 0, name, " must have at least one frame (T >= 1), got shape ",
+              clip.sizes());
+  const auto dt = clip.scalar_type();
+  TORCH_CHECK(dt == at::kByte || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble,
+              name, " must be uint8, float16, bfloat16, float32 or float64, got ", dt);
+}
+
+inline void check_float_dtype(at::ScalarType dt, const char* name) {
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble, name,
+              " must be float16, bfloat16, float32 or float64, got ", dt);
+}
+
+inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn) {
+  TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " must be on the same device, got ", a.device(), " and ",
+              b.device());
+}
+
+// Values of an int64 index tensor must lie in [0, upper). One reduction; on CUDA it synchronises,
+// the price of never reading out of bounds.
+inline void check_index(const at::Tensor& idx, int64_t upper, const char* name, const char* what) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong, name, " must be int64, got ", idx.scalar_type());
+  if (idx.numel() == 0) return;
+  auto mm = at::aminmax(idx);
+  const int64_t lo = std::get<0>(mm).item<int64_t>();
+  const int64_t hi = std::get<1>(mm).item<int64_t>();
+  TORCH_CHECK(lo >= 0, name, " has a negative entry (", lo, "); entries must lie in [0, ", upper, ") (", what, ")");
+  TORCH_CHECK(hi < upper, name, " has an entry out of range (", hi, "); entries must lie in [0, ", upper, ") (",
+              what, ")");
+}
+
+inline void check_time_index(const at::Tensor& clip, const at::Tensor& time_index) {
+  check_same_device(clip, "clip", time_index, "time_index");
+  TORCH_CHECK(time_index.dim() == 2, "time_index must be [B, T_out], got shape ", time_index.sizes());
+  TORCH_CHECK(time_index.size(0) == clip.size(0), "time_index must have one row per clip: clip has B = ",
+              clip.size(0), ", time_index has ", time_index.size(0), " rows");
+  check_index(time_index, clip.size(2), "time_index", "frame positions of clip");
+}
+
+// Output dtype of a view op: explicit, else the input's float type, else float32 for uint8.
+inline at::ScalarType view_out_dtype(const at::Tensor& clip, std::optional<at::ScalarType> out_dtype) {
+  if (out_dtype.has_value()) {
+    check_float_dtype(*out_dtype, "out_dtype");
+    return *out_dtype;
+  }
+  return clip.scalar_type() == at::kByte ? at::kFloat : clip.scalar_type();
+}
+
+}  // namespace iic_ext

@@ -1,0 +1,135 @@
+// The three inputs of an IIC training step from one read of a decoded clip batch, on the CPU.
+//
+// iic_views(clip, time_index, mean, std, scaled, out_dtype) -> (rgb, residual, negative)
+//   Args: clip [B, C, T, H, W] uint8 (read as x/255) or float, any strides (a [B, T, H, W, C] batch of
+//         decoded frames passes as its permuted view); time_index [B, T_out] int64 in [0, T);
+//         mean, std: C values or None.
+//   Returns, contiguous, of out_dtype (float32 for uint8 input):
+//     rgb      [B, C, T, H, W]      = (x - mean[c]) / std[c]
+//     residual [B, C, T, H, W]      = ((x - roll(x, 1, T)) + 1) / 2 (or unscaled), from x, not normalised
+//     negative [B, C, T_out, H, W]  = rgb[b, :, time_index[b, t]]
+//   This replaces convert -> roll -> subtract -> add -> divide -> gather, and their temporaries.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common.h"
+
+namespace iic_ext {
+namespace {
+
+template <typename in_t, typename out_t>
+void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const std::vector<float>& mean,
+                  const std::vector<float>& inv_std, float in_scale, bool scaled, const at::Tensor& rgb,
+                  const at::Tensor& res, const at::Tensor& neg) {
+  const int64_t B = clip.size(0), C = clip.size(1), T = clip.size(2), H = clip.size(3), W = clip.size(4);
+  const int64_t To = time_index.size(1);
+  const auto ss = clip.strides();
+  const in_t* src = clip.const_data_ptr<in_t>();
+  out_t* rgb_p = rgb.mutable_data_ptr<out_t>();
+  out_t* res_p = res.mutable_data_ptr<out_t>();
+  out_t* neg_p = neg.mutable_data_ptr<out_t>();
+  const auto idx = time_index.accessor<int64_t, 2>();
+  const int64_t plane = H * W;
+  const float rs = scaled ? 0.5f * in_scale : in_scale;
+  const float ro = scaled ? 0.5f : 0.0f;
+  const bool dense_w = ss[4] == 1;
+
+  // rgb and residual: one task per (b, t) frame, all channels, so a channels-last frame is read from
+  // cache for every channel it holds.
+  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / T, t = u % T;
+      const int64_t tp = t == 0 ? T - 1 : t - 1;
+      for (int64_t c = 0; c < C; ++c) {
+        const float m = mean[c], is = inv_std[c];
+        const in_t* x = src + b * ss[0] + c * ss[1] + t * ss[2];
+        const in_t* xp = src + b * ss[0] + c * ss[1] + tp * ss[2];
+        out_t* r = rgb_p + ((b * C + c) * T + t) * plane;
+        out_t* d = res_p + ((b * C + c) * T + t) * plane;
+        for (int64_t h = 0; h < H; ++h) {
+          const in_t* xr = x + h * ss[3];
+          const in_t* xpr = xp + h * ss[3];
+          out_t* rr = r + h * W;
+          out_t* dr = d + h * W;
+          if (dense_w) {
+            for (int64_t w = 0; w < W; ++w) {
+              const float v = static_cast<float>(xr[w]), p = static_cast<float>(xpr[w]);
+              rr[w] = static_cast<out_t>((v * in_scale - m) * is);
+              dr[w] = static_cast<out_t>((v - p) * rs + ro);
+            }
+          } else {
+            for (int64_t w = 0; w < W; ++w) {
+              const float v = static_cast<float>(xr[w * ss[4]]), p = static_cast<float>(xpr[w * ss[4]]);
+              rr[w] = static_cast<out_t>((v * in_scale - m) * is);
+              dr[w] = static_cast<out_t>((v - p) * rs + ro);
+            }
+          }
+        }
+      }
+    }
+  });
+  // negative: converted again from the (small, uint8) source frames rather than copied from rgb.
+  at::parallel_for(0, B * To, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / To, t = u % To;
+      const int64_t ts = idx[b][t];
+      for (int64_t c = 0; c < C; ++c) {
+        const float m = mean[c], is = inv_std[c];
+        const in_t* x = src + b * ss[0] + c * ss[1] + ts * ss[2];
+        out_t* n = neg_p + ((b * C + c) * To + t) * plane;
+        for (int64_t h = 0; h < H; ++h) {
+          const in_t* xr = x + h * ss[3];
+          out_t* nr = n + h * W;
+          for (int64_t w = 0; w < W; ++w) nr[w] = static_cast<out_t>((static_cast<float>(xr[w * ss[4]]) * in_scale - m) * is);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cpu(const at::Tensor& clip, const at::Tensor& time_index,
+                                                           std::optional<at::ArrayRef<double>> mean,
+                                                           std::optional<at::ArrayRef<double>> std, bool scaled,
+                                                           std::optional<at::ScalarType> out_dtype) {
+  check_clip(clip);
+  check_time_index(clip, time_index);
+  const int64_t C = clip.size(1);
+  std::vector<float> m(C, 0.f), is(C, 1.f);
+  if (mean.has_value()) {
+    TORCH_CHECK(static_cast<int64_t>(mean->size()) == C, "mean must have one value per channel (C = ", C, "), got ",
+                mean->size());
+    for (int64_t c = 0; c < C; ++c) m[c] = static_cast<float>((*mean)[c]);
+  }
+  if (std.has_value()) {
+    TORCH_CHECK(static_cast<int64_t>(std->size()) == C, "std must have one value per channel (C = ", C, "), got ",
+                std->size());
+    for (int64_t c = 0; c < C; ++c) {
+      TORCH_CHECK((*std)[c] > 0, "std must be positive, got ", (*std)[c], " for channel ", c);
+      is[c] = static_cast<float>(1.0 / (*std)[c]);
+    }
+  }
+  const auto dt = view_out_dtype(clip, out_dtype);
+  auto opts = clip.options().dtype(dt).memory_format(at::MemoryFormat::Contiguous);
+  auto neg_sizes = clip.sizes().vec();
+  neg_sizes[2] = time_index.size(1);
+  at::Tensor rgb = at::empty(clip.sizes(), opts), res = at::empty(clip.sizes(), opts), neg = at::empty(neg_sizes, opts);
+  if (clip.numel() == 0) return {rgb, res, neg};
+  const float in_scale = clip.scalar_type() == at::kByte ? 1.f / 255.f : 1.f;
+  const at::Tensor idx = time_index.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, clip.scalar_type(), "iic_views_in", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "iic_views_out", [&] {
+      views_kernel<in_t, scalar_t>(clip, idx, m, is, in_scale, scaled, rgb, res, neg);
+    });
+  });
+  return {rgb, res, neg};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(iic_ext, CPU, m) { m.impl("iic_views", &iic_views_cpu); }
+
+}  // namespace iic_ext

@@ -1,0 +1,24 @@
+"""iic_ext operators: fused kernels behind thin wrappers (shapes in each docstring).
+
+The pure-PyTorch twin of every op is in :mod:`iic_ext.ops.reference`.
+"""
+from . import indices, reference
+from ._library import HAS_C
+from .indices import permute_index, repeat_index, reverse_index, shuffle_index, swap_index
+from .views import iic_views, repeat_negative, residual_frames, shuffle_negative, temporal_gather
+
+__all__ = [
+    "HAS_C",
+    "indices",
+    "reference",
+    "residual_frames",
+    "temporal_gather",
+    "repeat_negative",
+    "shuffle_negative",
+    "iic_views",
+    "repeat_index",
+    "shuffle_index",
+    "swap_index",
+    "permute_index",
+    "reverse_index",
+]

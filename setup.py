@@ -1,0 +1,110 @@
+"""Build driver: CMake (Ninja) compiles csrc/ into ``iic_ext/_C``.
+
+Environment switches:
+    IIC_EXT_CUDA=0/1      force the CUDA kernels off/on (default: on when torch has CUDA and nvcc is found)
+    TORCH_CUDA_ARCH_LIST  CUDA architectures, e.g. "8.0;9.0" (default "8.0;9.0")
+    MAX_JOBS              parallel compile jobs
+    DEBUG=1               debug build
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+try:
+    import torch
+    import torch.utils
+except ImportError:
+    sys.exit(
+        "iic_ext compiles against your installed torch, which was not found in this build environment: "
+        "run `pip install torch` first, then `pip install --no-build-isolation .`"
+    )
+
+
+def _find_nvcc():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return Path(home) / "bin" / "nvcc"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return Path(nvcc)
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return default if default.exists() else None
+
+
+def _want_cuda():
+    flag = os.environ.get("IIC_EXT_CUDA")
+    nvcc = _find_nvcc()
+    if flag is not None and flag.strip() not in ("", "auto"):
+        on = flag.strip().lower() in ("1", "on", "true", "yes")
+        if on and torch.version.cuda is None:
+            sys.exit("IIC_EXT_CUDA=1 but the installed torch has no CUDA support")
+        if on and nvcc is None:
+            sys.exit("IIC_EXT_CUDA=1 but nvcc was not found (set CUDA_HOME to the toolkit root)")
+        return on, nvcc
+    return (torch.version.cuda is not None and nvcc is not None), nvcc
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cuda, nvcc = _want_cuda()
+        cfg = "Debug" if os.environ.get("DEBUG", "0") == "1" else "Release"
+        args = [
+            f"-S{ROOT}",
+            f"-B{build_dir}",
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DIIC_EXT_OUTPUT_DIR={out.parent}",
+            f"-DIIC_EXT_OUTPUT_NAME={out.name}",
+            f"-DIIC_EXT_CUDA={'ON' if cuda else 'OFF'}",
+        ]
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        if cuda:
+            cuda_home = nvcc.parent.parent
+            archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+            cmake_archs = ";".join(a.replace(".", "").replace("+PTX", "") for a in archs.replace(" ", ";").split(";") if a)
+            args += [
+                f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                f"-DCUDAToolkit_ROOT={cuda_home}",
+                f"-DCMAKE_CUDA_ARCHITECTURES={cmake_archs}",
+            ]
+            os.environ.setdefault("CUDA_HOME", str(cuda_home))
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        print(f"iic_ext: building {'CPU + CUDA' if cuda else 'CPU'} kernels against torch {torch.__version__}")
+        subprocess.check_call(["cmake", *args])
+        build = ["cmake", "--build", str(build_dir), "--config", cfg]
+        jobs = os.environ.get("MAX_JOBS")
+        if jobs:
+            build += ["--parallel", jobs]
+        subprocess.check_call(build)
+        # A checkout used in place (scripts, benchmarks run from the repository root) imports the
+        # source folder ahead of site-packages; give it the same library so it never runs without it.
+        src_copy = ROOT / "iic_ext" / out.name
+        if src_copy.resolve() != out and (ROOT / "iic_ext").is_dir():
+            try:
+                shutil.copy2(out, src_copy)
+            except OSError:
+                pass
+
+
+setup(
+    ext_modules=[CMakeExtension("iic_ext._C")],
+    cmdclass={"build_ext": CMakeBuild},
+)
