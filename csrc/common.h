@@ -7,8 +7,7 @@ namespace iic_ext {
 
 inline void check_clip(const at::Tensor& clip, const char* name = "clip") {
   TORCH_CHECK(clip.dim() == 5, name, " must be [B, C, T, H, W], got shape ", clip.sizes());
-  TORCH_CHECK(clip.size(2) >= 1 || clip.numel() == 0, name, " must have at least one frame (T >= 1), got shape ",
-              clip.sizes());
+  TORCH_CHECK(clip.size(2) >= 1, name, " must have at least one frame (T >= 1), got shape ", clip.sizes());
   const auto dt = clip.scalar_type();
   TORCH_CHECK(dt == at::kByte || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble,
               name, " must be uint8, float16, bfloat16, float32 or float64, got ", dt);

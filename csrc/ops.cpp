@@ -19,13 +19,13 @@ TORCH_LIBRARY(iic_ext, m) {
   // ((x - roll(x, 1, T)) + 1) / 2 when scaled, else x - roll(x, 1, T)
   m.def("residual_frames(Tensor clip, bool scaled=True, ScalarType? out_dtype=None) -> Tensor");
   // same, written into out [B, C, T, H, W] (floating, any strides)
-  m.def("residual_frames.out(Tensor clip, bool scaled=True, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("residual_frames.out(Tensor clip, bool scaled=True, *, Tensor(a!) out) -> ()");
   // grad [B, C, T, H, W] -> grad_clip [B, C, T, H, W]: s * (g - roll(g, -1, T)), s = 1/2 or 1
   m.def("_residual_frames_backward(Tensor grad, bool scaled) -> Tensor");
   // clip [B, C, T, H, W], time_index [B, T_out] int64 in [0, T) -> [B, C, T_out, H, W]
   m.def("temporal_gather(Tensor clip, Tensor time_index) -> Tensor");
   // same, written into out [B, C, T_out, H, W] (clip's dtype, any strides)
-  m.def("temporal_gather.out(Tensor clip, Tensor time_index, *, Tensor(a!) out) -> Tensor(a!)");
+  m.def("temporal_gather.out(Tensor clip, Tensor time_index, *, Tensor(a!) out) -> ()");
   // grad [B, C, T_out, H, W], time_index [B, T_out] -> grad_clip [B, C, T, H, W] (scatter-add over time)
   m.def("_temporal_gather_backward(Tensor grad, Tensor time_index, SymInt num_frames) -> Tensor");
   // clip [B, C, T, H, W] (uint8 or float, any strides), time_index [B, T_out] ->

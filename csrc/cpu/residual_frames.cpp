@@ -72,7 +72,7 @@ void time_diff_cpu(const at::Tensor& x, const at::Tensor& out, int shift, double
 
 double input_scale(const at::Tensor& clip) { return clip.scalar_type() == at::kByte ? 1.0 / 255.0 : 1.0; }
 
-at::Tensor& residual_frames_out_cpu(const at::Tensor& clip, bool scaled, at::Tensor& out) {
+void residual_frames_out_impl(const at::Tensor& clip, bool scaled, const at::Tensor& out) {
   check_clip(clip);
   check_float_dtype(out.scalar_type(), "out");
   check_same_device(clip, "clip", out, "out");
@@ -80,14 +80,17 @@ at::Tensor& residual_frames_out_cpu(const at::Tensor& clip, bool scaled, at::Ten
   TORCH_CHECK(!out.is_same(clip), "out must not be clip: residual_frames cannot run in place");
   const double s = (scaled ? 0.5 : 1.0) * input_scale(clip);
   time_diff_cpu(clip, out, -1, s, scaled ? 0.5 : 0.0);
-  return out;
+}
+
+void residual_frames_out_cpu(const at::Tensor& clip, bool scaled, at::Tensor& out) {
+  residual_frames_out_impl(clip, scaled, out);
 }
 
 at::Tensor residual_frames_cpu(const at::Tensor& clip, bool scaled, std::optional<at::ScalarType> out_dtype) {
   check_clip(clip);
   const auto dt = view_out_dtype(clip, out_dtype);
   at::Tensor out = at::empty(clip.sizes(), clip.options().dtype(dt).memory_format(clip.suggest_memory_format()));
-  residual_frames_out_cpu(clip, scaled, out);
+  residual_frames_out_impl(clip, scaled, out);
   return out;
 }
 

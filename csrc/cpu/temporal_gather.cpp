@@ -80,15 +80,14 @@ void check_gather_out(const at::Tensor& clip, const at::Tensor& time_index, cons
   TORCH_CHECK(!out.is_same(clip), "out must not be clip: temporal_gather cannot run in place");
 }
 
-at::Tensor& temporal_gather_out_cpu(const at::Tensor& clip, const at::Tensor& time_index, at::Tensor& out) {
+void temporal_gather_out_cpu(const at::Tensor& clip, const at::Tensor& time_index, at::Tensor& out) {
   check_clip(clip);
   check_time_index(clip, time_index);
   check_gather_out(clip, time_index, out);
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return;
   const at::Tensor idx = time_index.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, clip.scalar_type(), "temporal_gather",
                                   [&] { gather_frames<scalar_t>(clip, idx, out); });
-  return out;
 }
 
 at::Tensor temporal_gather_cpu(const at::Tensor& clip, const at::Tensor& time_index) {

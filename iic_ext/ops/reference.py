@@ -50,7 +50,7 @@ def temporal_gather(clip: torch.Tensor, time_index: torch.Tensor) -> torch.Tenso
 def temporal_gather_vectorized(clip: torch.Tensor, time_index: torch.Tensor) -> torch.Tensor:
     """The same gather as one ``torch.gather`` (the best plain PyTorch form)."""
     B, C, _, H, W = clip.shape
-    idx = time_index.view(B, 1, -1, 1, 1).expand(B, C, time_index.shape[1], H, W)
+    idx = time_index.view(B, 1, time_index.shape[1], 1, 1).expand(B, C, time_index.shape[1], H, W)
     return torch.gather(clip, 2, idx)
 
 

@@ -164,7 +164,7 @@ if HAS_C:
 
     @torch.library.register_fake("iic_ext::residual_frames.out")
     def _residual_frames_out_fake(clip, scaled=True, *, out):
-        return out
+        return None
 
     @torch.library.register_fake("iic_ext::_residual_frames_backward")
     def _residual_frames_backward_fake(grad, scaled):
@@ -188,7 +188,7 @@ if HAS_C:
 
     @torch.library.register_fake("iic_ext::temporal_gather.out")
     def _temporal_gather_out_fake(clip, time_index, *, out):
-        return out
+        return None
 
     @torch.library.register_fake("iic_ext::_temporal_gather_backward")
     def _temporal_gather_backward_fake(grad, time_index, num_frames):
