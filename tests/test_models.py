@@ -221,26 +221,28 @@ def test_classes_and_factory_agree():
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_forward_shapes(name):
-    x = torch.rand(2, 3, 4, 32, 32)
+    t = 8 if name == "c3d" else 4  # C3D halves time three times
+    x = torch.rand(2, 3, t, 32, 32)
     with torch.no_grad():
         feat = model(name)(x)
         assert feat.shape == (2, 512)
         assert (feat >= 0).all()  # average of post-ReLU activations, not normalised
         assert model(name, with_classifier=True, num_classes=7)(x).shape == (2, 7)
-        # conv5 is 1x2x2 for 4x32x32 inputs; MaxPool3d((1, 2, 2)) leaves 512x1x1x1
+        # conv5 is 1x2x2 here; MaxPool3d((1, 2, 2)) leaves 512x1x1x1
         assert model(name, return_conv=True)(x).shape == (2, 512)
         # non-square, odd sizes work (adaptive pooling)
-        assert model(name)(torch.rand(1, 3, 5, 24, 20)).shape == (1, 512)
+        assert model(name)(torch.rand(1, 3, t + 1, 24, 20)).shape == (1, 512)
 
 
 @pytest.mark.parametrize("name", ["r3d", "c3d"])
 def test_memory_formats(name):
-    x = torch.rand(2, 3, 4, 32, 32)
+    t = 8 if name == "c3d" else 4
+    x = torch.rand(2, 3, t, 32, 32)
     m = model(name)
     with torch.no_grad():
         ref = m(x)
         cl = m(x.contiguous(memory_format=torch.channels_last_3d))
-        sliced = m(torch.rand(2, 3, 4, 32, 64)[..., ::2].copy_(x))
+        sliced = m(torch.rand(2, 3, t, 32, 64)[..., ::2].copy_(x))
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sliced, ref, rtol=1e-4, atol=1e-5)
 
