@@ -60,9 +60,11 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext):
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
-        build_dir = Path(self.build_temp).resolve() / "cmake"
-        build_dir.mkdir(parents=True, exist_ok=True)
         cuda, nvcc = _want_cuda()
+        # one CMake tree per torch build and backend choice: a cache made for another torch is stale
+        flavour = f"{torch.__version__}-{'cuda' if cuda else 'cpu'}".replace("+", "_")
+        build_dir = Path(self.build_temp).resolve() / f"cmake-{flavour}"
+        build_dir.mkdir(parents=True, exist_ok=True)
         cfg = "Debug" if os.environ.get("DEBUG", "0") == "1" else "Release"
         args = [
             f"-S{ROOT}",
