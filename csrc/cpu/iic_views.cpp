@@ -21,9 +21,10 @@ namespace iic_ext {
 namespace {
 
 template <typename in_t, typename out_t>
-void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const std::vector<float>& mean,
-                  const std::vector<float>& inv_std, float in_scale, bool scaled, const at::Tensor& rgb,
+void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const std::vector<double>& mean,
+                  const std::vector<double>& inv_std, double in_scale, bool scaled, const at::Tensor& rgb,
                   const at::Tensor& res, const at::Tensor& neg) {
+  using acc_t = at::opmath_type<out_t>;  // float, or double for float64 outputs
   const int64_t B = clip.size(0), C = clip.size(1), T = clip.size(2), H = clip.size(3), W = clip.size(4);
   const int64_t To = time_index.size(1);
   const auto ss = clip.strides();
@@ -33,8 +34,9 @@ void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const st
   out_t* neg_p = neg.mutable_data_ptr<out_t>();
   const auto idx = time_index.accessor<int64_t, 2>();
   const int64_t plane = H * W;
-  const float rs = scaled ? 0.5f * in_scale : in_scale;
-  const float ro = scaled ? 0.5f : 0.0f;
+  const acc_t sc = static_cast<acc_t>(in_scale);
+  const acc_t rs = scaled ? acc_t(0.5) * sc : sc;
+  const acc_t ro = scaled ? acc_t(0.5) : acc_t(0);
   const bool dense_w = ss[4] == 1;
 
   // rgb and residual: one task per (b, t) frame, all channels, so a channels-last frame is read from
@@ -44,7 +46,7 @@ void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const st
       const int64_t b = u / T, t = u % T;
       const int64_t tp = t == 0 ? T - 1 : t - 1;
       for (int64_t c = 0; c < C; ++c) {
-        const float m = mean[c], is = inv_std[c];
+        const acc_t m = mean[c], is = inv_std[c];
         const in_t* x = src + b * ss[0] + c * ss[1] + t * ss[2];
         const in_t* xp = src + b * ss[0] + c * ss[1] + tp * ss[2];
         out_t* r = rgb_p + ((b * C + c) * T + t) * plane;
@@ -56,14 +58,14 @@ void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const st
           out_t* dr = d + h * W;
           if (dense_w) {
             for (int64_t w = 0; w < W; ++w) {
-              const float v = static_cast<float>(xr[w]), p = static_cast<float>(xpr[w]);
-              rr[w] = static_cast<out_t>((v * in_scale - m) * is);
+              const acc_t v = static_cast<acc_t>(xr[w]), p = static_cast<acc_t>(xpr[w]);
+              rr[w] = static_cast<out_t>((v * sc - m) * is);
               dr[w] = static_cast<out_t>((v - p) * rs + ro);
             }
           } else {
             for (int64_t w = 0; w < W; ++w) {
-              const float v = static_cast<float>(xr[w * ss[4]]), p = static_cast<float>(xpr[w * ss[4]]);
-              rr[w] = static_cast<out_t>((v * in_scale - m) * is);
+              const acc_t v = static_cast<acc_t>(xr[w * ss[4]]), p = static_cast<acc_t>(xpr[w * ss[4]]);
+              rr[w] = static_cast<out_t>((v * sc - m) * is);
               dr[w] = static_cast<out_t>((v - p) * rs + ro);
             }
           }
@@ -77,13 +79,13 @@ void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const st
       const int64_t b = u / To, t = u % To;
       const int64_t ts = idx[b][t];
       for (int64_t c = 0; c < C; ++c) {
-        const float m = mean[c], is = inv_std[c];
+        const acc_t m = mean[c], is = inv_std[c];
         const in_t* x = src + b * ss[0] + c * ss[1] + ts * ss[2];
         out_t* n = neg_p + ((b * C + c) * To + t) * plane;
         for (int64_t h = 0; h < H; ++h) {
           const in_t* xr = x + h * ss[3];
           out_t* nr = n + h * W;
-          for (int64_t w = 0; w < W; ++w) nr[w] = static_cast<out_t>((static_cast<float>(xr[w * ss[4]]) * in_scale - m) * is);
+          for (int64_t w = 0; w < W; ++w) nr[w] = static_cast<out_t>((static_cast<acc_t>(xr[w * ss[4]]) * sc - m) * is);
         }
       }
     }
@@ -97,18 +99,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cpu(const at::Tensor& c
   check_clip(clip);
   check_time_index(clip, time_index);
   const int64_t C = clip.size(1);
-  std::vector<float> m(C, 0.f), is(C, 1.f);
+  std::vector<double> m(C, 0.0), is(C, 1.0);
   if (mean.has_value()) {
     TORCH_CHECK(static_cast<int64_t>(mean->size()) == C, "mean must have one value per channel (C = ", C, "), got ",
                 mean->size());
-    for (int64_t c = 0; c < C; ++c) m[c] = static_cast<float>((*mean)[c]);
+    for (int64_t c = 0; c < C; ++c) m[c] = (*mean)[c];
   }
   if (std.has_value()) {
     TORCH_CHECK(static_cast<int64_t>(std->size()) == C, "std must have one value per channel (C = ", C, "), got ",
                 std->size());
     for (int64_t c = 0; c < C; ++c) {
       TORCH_CHECK((*std)[c] > 0, "std must be positive, got ", (*std)[c], " for channel ", c);
-      is[c] = static_cast<float>(1.0 / (*std)[c]);
+      is[c] = 1.0 / (*std)[c];
     }
   }
   const auto dt = view_out_dtype(clip, out_dtype);
@@ -117,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cpu(const at::Tensor& c
   neg_sizes[2] = time_index.size(1);
   at::Tensor rgb = at::empty(clip.sizes(), opts), res = at::empty(clip.sizes(), opts), neg = at::empty(neg_sizes, opts);
   if (clip.numel() == 0) return {rgb, res, neg};
-  const float in_scale = clip.scalar_type() == at::kByte ? 1.f / 255.f : 1.f;
+  const double in_scale = clip.scalar_type() == at::kByte ? 1.0 / 255.0 : 1.0;
   const at::Tensor idx = time_index.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, clip.scalar_type(), "iic_views_in", [&] {
     using in_t = scalar_t;
