@@ -146,10 +146,7 @@ def run(cfg: Config):
             for _ in range(passes):
                 for k, ld in loaders.items():
                     times[k].append(_pass_s(ld) / videos * 1e3)  # ms per clip, all workers together
-            stats = {}
-            for k, s in times.items():
-                t = torch.tensor(s, dtype=torch.float64)
-                stats[k] = Stats(float(t.median()), float(t.min()), float(t.max()), [round(v, 3) for v in s])
+            stats = {k: Stats.of(s) for k, s in times.items()}
             rows += make_rows(cfg, "loader", "clip loader (frames)", (3, 16, 112, 112), torch.uint8, stats, {}, None,
                               ["original"], variant="+".join(mods), workers=workers, batch_size=batch,
                               clips_per_s=1e3 / stats["fused"].median_ms,

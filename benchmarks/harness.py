@@ -18,6 +18,7 @@ import gc
 import math
 import os
 import platform
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ class Stats:
     min_ms: float
     max_ms: float
     samples: List[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, samples: List[float]) -> "Stats":
+        return cls(statistics.median(samples), min(samples), max(samples), [round(v, 5) for v in samples])
 
 
 # ---- machine --------------------------------------------------------------------------------------
@@ -128,29 +133,27 @@ def _block_ms(cfg: Config, timer: Optional[tbench.Timer], fn: Callable, number: 
     return timer.timeit(number).mean * 1e3
 
 
-def time_arms(cfg: Config, arms: Dict[str, Callable]) -> Dict[str, Stats]:
+def time_arms(cfg: Config, arms: Dict[str, Callable], first_call_s: Optional[Dict[str, float]] = None) -> Dict[str, Stats]:
     """Median / min / max milliseconds per call of each arm, blocks interleaved across arms.
 
-    An arm that raises is left out of the result (the caller records why).
+    ``first_call_s``: seconds of a call already made (it counts as the first warm-up call).
     """
     timers, numbers = {}, {}
     for name, fn in arms.items():
         timers[name] = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=cfg.threads, label=name)
+        done = first_call_s.get(name) if first_call_s else None
+        calls = max(cfg.warmup - (1 if done is not None else 0), 0)
         t0 = time.perf_counter()
-        for _ in range(cfg.warmup):
+        for _ in range(calls):
             fn()
         cfg.sync()
-        per_call = max((time.perf_counter() - t0) / cfg.warmup, 1e-7)
-        numbers[name] = max(1, int(math.ceil(cfg.block_s / per_call)))
+        per_call = (time.perf_counter() - t0) / calls if calls else done
+        numbers[name] = max(1, int(math.ceil(cfg.block_s / max(per_call, 1e-7))))
     samples: Dict[str, List[float]] = {name: [] for name in arms}
     for _ in range(cfg.repeats):
         for name, fn in arms.items():
             samples[name].append(_block_ms(cfg, timers[name], fn, numbers[name]))
-    out = {}
-    for name, s in samples.items():
-        t = torch.tensor(s, dtype=torch.float64)
-        out[name] = Stats(float(t.median()), float(t.min()), float(t.max()), [round(v, 5) for v in s])
-    return out
+    return {name: Stats.of(s) for name, s in samples.items()}
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -364,18 +367,20 @@ def compare(
 ) -> List[dict]:
     """Time and measure the memory of ``arms`` (one is ``fused``) and return one row per baseline."""
     skipped = dict(skipped or {})
-    runnable = {}
+    runnable, first = {}, {}
     for k, fn in arms.items():
         if fn is None:
             continue
         try:  # a failing arm (no kernel for this device, out of memory) is recorded, not fatal
+            t0 = time.perf_counter()
             fn()
             cfg.sync()
+            first[k] = time.perf_counter() - t0
             runnable[k] = fn
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             skipped[k] = f"{type(e).__name__}: {msg[:200]}"
-    stats = time_arms(cfg, runnable) if runnable else {}
+    stats = time_arms(cfg, runnable, first) if runnable else {}
     peaks = peak_bytes(cfg, runnable) if (measure_memory and runnable) else {}
     refs = [k for k in list(arms) + list(skipped) if k != fused and (arms.get(k) is not None or k in skipped)]
     refs = list(dict.fromkeys(refs))
