@@ -114,7 +114,7 @@ def run(cfg: Config):
         }
         arms = {k: (lambda s=s: s(clip, y, time_index, idx)) for k, s in steps.items()}
         saved = (cfg.repeats, cfg.block_s)
-        cfg.repeats, cfg.block_s = (2 if cfg.quick else 5), 0.0  # one step per block
+        cfg.repeats, cfg.block_s = (2 if cfg.quick else 3), 0.0  # one step per block
         try:
             step_rows = compare(cfg, "step", "IIC step (R3D-10)", shape, torch.uint8, arms,
                                 measure_memory=not cfg.quick, variant=f"batch {B}, {T}×{H}×{W}")

@@ -98,7 +98,7 @@ def plot(rows: List[dict], meta: dict, path: str) -> bool:
     colors = {"original": "#d62728", "vectorized": "#1f77b4", "dense": "#9467bd", "compiled": "#2ca02c"}
     labels, values, cols, targets = [], [], [], []
     for r in rows:
-        lv = "/".join(str(r[k]).split(" ")[0] for k in ("layout", "variant") if r.get(k))
+        lv = "/".join(str(r[k]).split(" (")[0] for k in ("layout", "variant") if r.get(k))
         labels.append(f"{r['group']}: {r['name']} {_shape(r['shape'])} {r['dtype'] or ''} {lv} vs {r['reference']}")
         values.append(r["ratio"])
         cols.append(colors.get(r["reference"], "#7f7f7f"))
