@@ -1,0 +1,93 @@
+"""Group ``nce``: the memory-bank contrast, forward + backward + update, fused against pure PyTorch.
+
+One measured call is what a training step does with the banks: the IIC logits of both views against
+``K + 1`` sampled rows of three banks (``iic_scores``), softmax cross-entropy with label 0 on each,
+the gradient of that loss with respect to the two features, and the momentum update of the three
+banks' positive rows (``bank_update_``). The arms differ only in the score and update functions:
+
+* fused: ``iic_ext.ops.iic_scores`` / ``iic_ext.ops.bank_update_``;
+* original: ``reference.iic_scores`` (``index_select`` + ``cat`` + ``bmm``, as the original
+  ``NCEAverage``) / ``reference.bank_update_``;
+* dense: ``reference.iic_scores_dense`` (one GEMM against each whole bank, then a gather) /
+  ``reference.bank_update_``.
+
+Floor: a kernel must read at least the sampled rows of the three banks once, or each whole bank once
+when that is smaller, so ``floor = min(3 B (K + 1) D, 3 N D) * itemsize / bandwidth``.
+"""
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from iic_ext import ops
+from iic_ext.ops import reference
+
+from .harness import Config, compare
+
+# (B, K, D, N); the last one is ImageNet-sized and runs in the full run only
+CONFIGS = [(16, 1024, 512, 9537), (16, 4096, 128, 9537), (32, 16384, 128, 100_000), (32, 16384, 128, 1_281_167)]
+TEMPERATURE = 0.07
+MOMENTUM = 0.5
+
+
+def _banks(N, D, device, g):
+    stdv = 1.0 / (D / 3) ** 0.5  # the original initialisation, rows then normalised as after updates
+    banks = [torch.rand(N, D, generator=g).mul_(2 * stdv).add_(-stdv) for _ in range(3)]
+    return [F.normalize(b, dim=1).to(device) for b in banks]
+
+
+def _make_step(scores, update, l, ab, neg, banks, idx, y):
+    bank_l, bank_ab, bank_neg = banks
+    zero = torch.zeros(l.shape[0], dtype=torch.long, device=l.device)
+
+    def step():
+        out_l, out_ab = scores(l, ab, bank_l, bank_ab, bank_neg, idx, 1.0 / TEMPERATURE)
+        loss = F.cross_entropy(out_l, zero) + F.cross_entropy(out_ab, zero)
+        grads = torch.autograd.grad(loss, (l, ab))
+        update(bank_l, y, l.detach(), MOMENTUM)
+        update(bank_ab, y, ab.detach(), MOMENTUM)
+        update(bank_neg, y, neg, MOMENTUM)
+        return grads
+
+    return step
+
+
+def _check(l, ab, banks, idx):
+    """The fused scores equal the reference on these inputs (else the timing compares different work)."""
+    got = ops.iic_scores(l, ab, *banks, idx, 1.0 / TEMPERATURE)
+    want = reference.iic_scores(l, ab, *banks, idx, 1.0 / TEMPERATURE)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def run(cfg: Config):
+    if not hasattr(ops, "iic_scores") or not hasattr(reference, "iic_scores_dense"):
+        raise ImportError("the NCE ops (iic_ext.ops.iic_scores, reference.iic_scores_dense) are not in this checkout")
+    rows: List[dict] = []
+    notes = []
+    configs = CONFIGS[:1] if cfg.quick else CONFIGS
+    if cfg.quick:
+        notes.append("nce: --quick runs (B=16, K=1024, D=512, N=9537) only")
+    for B, K, D, N in configs:
+        g = torch.Generator().manual_seed(0)
+        banks = _banks(N, D, cfg.device, g)
+        # features as the backbone gives them: post-ReLU, not normalised
+        l = F.relu(torch.randn(B, D, generator=g)).to(cfg.device).requires_grad_()
+        ab = F.relu(torch.randn(B, D, generator=g)).to(cfg.device).requires_grad_()
+        neg = F.relu(torch.randn(B, D, generator=g)).to(cfg.device)
+        y = torch.randperm(N, generator=g)[:B].to(cfg.device)
+        idx = torch.randint(0, N, (B, K + 1), generator=g).to(cfg.device)
+        idx[:, 0] = y
+        _check(l, ab, banks, idx)
+        # every arm updates its own copy of the banks, so the rows each reads stay alike
+        arms = {
+            "fused": _make_step(ops.iic_scores, ops.bank_update_, l, ab, neg, [b.clone() for b in banks], idx, y),
+            "original": _make_step(reference.iic_scores, reference.bank_update_, l, ab, neg, [b.clone() for b in banks], idx, y),
+            "dense": _make_step(reference.iic_scores_dense, reference.bank_update_, l, ab, neg, [b.clone() for b in banks], idx, y),
+        }
+        item = banks[0].element_size()
+        floor = min(3 * B * (K + 1) * D, 3 * N * D) * item + 3 * 2 * B * D * item
+        rows += compare(cfg, "nce", "iic_scores fwd+bwd+update", (B, K, D, N), banks[0].dtype, arms, floor,
+                        variant=f"B={B} K={K} D={D} N={N}")
+        del arms, banks
+    return rows, notes
