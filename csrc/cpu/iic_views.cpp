@@ -16,9 +16,54 @@
 #include <vector>
 
 #include "common.h"
+#include "simd.h"
 
 namespace iic_ext {
 namespace {
+
+// One contiguous run of n elements: rgb and residual from the frame and its predecessor.
+template <typename in_t, typename out_t>
+IIC_EXT_INLINE void rgb_res_run(const in_t* __restrict x, const in_t* __restrict xp, out_t* __restrict r,
+                                out_t* __restrict d, int64_t n, at::opmath_type<out_t> sc, at::opmath_type<out_t> m,
+                                at::opmath_type<out_t> is, at::opmath_type<out_t> rs, at::opmath_type<out_t> ro) {
+  using acc_t = at::opmath_type<out_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i]), p = static_cast<acc_t>(xp[i]);
+    r[i] = static_cast<out_t>((v * sc - m) * is);
+    d[i] = static_cast<out_t>((v - p) * rs + ro);
+  }
+}
+
+// One contiguous run of n elements of the negative: the normalised source frame.
+template <typename in_t, typename out_t>
+IIC_EXT_INLINE void norm_run(const in_t* __restrict x, out_t* __restrict o, int64_t n, at::opmath_type<out_t> sc,
+                             at::opmath_type<out_t> m, at::opmath_type<out_t> is) {
+  using acc_t = at::opmath_type<out_t>;
+  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<out_t>((static_cast<acc_t>(x[i]) * sc - m) * is);
+}
+
+template <typename in_t, typename out_t>
+void rgb_res_base(const in_t* x, const in_t* xp, out_t* r, out_t* d, int64_t n, at::opmath_type<out_t> sc,
+                  at::opmath_type<out_t> m, at::opmath_type<out_t> is, at::opmath_type<out_t> rs,
+                  at::opmath_type<out_t> ro) {
+  rgb_res_run(x, xp, r, d, n, sc, m, is, rs, ro);
+}
+template <typename in_t, typename out_t>
+IIC_EXT_AVX2 void rgb_res_avx2(const in_t* x, const in_t* xp, out_t* r, out_t* d, int64_t n,
+                               at::opmath_type<out_t> sc, at::opmath_type<out_t> m, at::opmath_type<out_t> is,
+                               at::opmath_type<out_t> rs, at::opmath_type<out_t> ro) {
+  rgb_res_run(x, xp, r, d, n, sc, m, is, rs, ro);
+}
+template <typename in_t, typename out_t>
+void norm_base(const in_t* x, out_t* o, int64_t n, at::opmath_type<out_t> sc, at::opmath_type<out_t> m,
+               at::opmath_type<out_t> is) {
+  norm_run(x, o, n, sc, m, is);
+}
+template <typename in_t, typename out_t>
+IIC_EXT_AVX2 void norm_avx2(const in_t* x, out_t* o, int64_t n, at::opmath_type<out_t> sc, at::opmath_type<out_t> m,
+                            at::opmath_type<out_t> is) {
+  norm_run(x, o, n, sc, m, is);
+}
 
 template <typename in_t, typename out_t>
 void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const std::vector<double>& mean,
@@ -38,6 +83,8 @@ void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const st
   const acc_t rs = scaled ? acc_t(0.5) * sc : sc;
   const acc_t ro = scaled ? acc_t(0.5) : acc_t(0);
   const bool dense_w = ss[4] == 1;
+  const bool dense_plane = dense_w && (H == 1 || ss[3] == W);
+  const bool avx2 = cpu_has_avx2();
 
   // rgb and residual: one task per (b, t) frame, all channels, so a channels-last frame is read from
   // cache for every channel it holds.
@@ -51,17 +98,23 @@ void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const st
         const in_t* xp = src + b * ss[0] + c * ss[1] + tp * ss[2];
         out_t* r = rgb_p + ((b * C + c) * T + t) * plane;
         out_t* d = res_p + ((b * C + c) * T + t) * plane;
+        if (dense_plane) {  // the whole H x W plane is one run
+          if (avx2)
+            rgb_res_avx2<in_t, out_t>(x, xp, r, d, plane, sc, m, is, rs, ro);
+          else
+            rgb_res_base<in_t, out_t>(x, xp, r, d, plane, sc, m, is, rs, ro);
+          continue;
+        }
         for (int64_t h = 0; h < H; ++h) {
           const in_t* xr = x + h * ss[3];
           const in_t* xpr = xp + h * ss[3];
           out_t* rr = r + h * W;
           out_t* dr = d + h * W;
           if (dense_w) {
-            for (int64_t w = 0; w < W; ++w) {
-              const acc_t v = static_cast<acc_t>(xr[w]), p = static_cast<acc_t>(xpr[w]);
-              rr[w] = static_cast<out_t>((v * sc - m) * is);
-              dr[w] = static_cast<out_t>((v - p) * rs + ro);
-            }
+            if (avx2)
+              rgb_res_avx2<in_t, out_t>(xr, xpr, rr, dr, W, sc, m, is, rs, ro);
+            else
+              rgb_res_base<in_t, out_t>(xr, xpr, rr, dr, W, sc, m, is, rs, ro);
           } else {
             for (int64_t w = 0; w < W; ++w) {
               const acc_t v = static_cast<acc_t>(xr[w * ss[4]]), p = static_cast<acc_t>(xpr[w * ss[4]]);
@@ -82,6 +135,13 @@ void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const st
         const acc_t m = mean[c], is = inv_std[c];
         const in_t* x = src + b * ss[0] + c * ss[1] + ts * ss[2];
         out_t* n = neg_p + ((b * C + c) * To + t) * plane;
+        if (dense_plane) {
+          if (avx2)
+            norm_avx2<in_t, out_t>(x, n, plane, sc, m, is);
+          else
+            norm_base<in_t, out_t>(x, n, plane, sc, m, is);
+          continue;
+        }
         for (int64_t h = 0; h < H; ++h) {
           const in_t* xr = x + h * ss[3];
           out_t* nr = n + h * W;

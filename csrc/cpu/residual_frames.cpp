@@ -9,10 +9,12 @@
 // nothing is materialised (no rolled copy, no temporaries).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
 #include <ATen/native/cpu/Loops.h>
 
 #include "common.h"
+#include "simd.h"
 
 namespace iic_ext {
 namespace {
@@ -35,6 +37,69 @@ void diff_kernel(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& b
   });
 }
 
+// d[i] = s * (a[i] - p[i]) + o over one contiguous block: the loop the compiler vectorises.
+template <typename in_t, typename out_t>
+IIC_EXT_INLINE void diff_block(const in_t* __restrict a, const in_t* __restrict p, out_t* __restrict d, int64_t n,
+                               at::opmath_type<out_t> s, at::opmath_type<out_t> o) {
+  using acc_t = at::opmath_type<out_t>;
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<out_t>((static_cast<acc_t>(a[i]) - static_cast<acc_t>(p[i])) * s + o);
+}
+
+template <typename in_t, typename out_t>
+void diff_block_base(const in_t* a, const in_t* p, out_t* d, int64_t n, at::opmath_type<out_t> s,
+                     at::opmath_type<out_t> o) {
+  diff_block(a, p, d, n, s, o);
+}
+
+template <typename in_t, typename out_t>
+IIC_EXT_AVX2 void diff_block_avx2(const in_t* a, const in_t* p, out_t* d, int64_t n, at::opmath_type<out_t> s,
+                                  at::opmath_type<out_t> o) {
+  diff_block(a, p, d, n, s, o);
+}
+
+// Number of leading units and the block length when x and out share a dense layout in which every
+// frame of a unit is one contiguous block: contiguous ([B*C] units of H*W) or channels_last_3d
+// ([B] units of H*W*C). Returns false for any other pair of layouts.
+bool frame_blocks(const at::Tensor& x, const at::Tensor& out, int64_t& units, int64_t& block) {
+  if (x.is_contiguous() && out.is_contiguous()) {
+    units = x.size(0) * x.size(1);
+    block = x.size(3) * x.size(4);
+    return true;
+  }
+  const auto cl = at::MemoryFormat::ChannelsLast3d;
+  if (x.is_contiguous(cl) && out.is_contiguous(cl)) {
+    units = x.size(0);
+    block = x.size(1) * x.size(3) * x.size(4);
+    return true;
+  }
+  return false;
+}
+
+template <typename in_t, typename out_t>
+void time_diff_blocks(const at::Tensor& x, const at::Tensor& out, int shift, double scale, double offset,
+                      int64_t units, int64_t block) {
+  using acc_t = at::opmath_type<out_t>;
+  const int64_t T = x.size(2);
+  const in_t* src = x.const_data_ptr<in_t>();
+  out_t* dst = out.mutable_data_ptr<out_t>();
+  const acc_t s = static_cast<acc_t>(scale), o = static_cast<acc_t>(offset);
+  const bool avx2 = cpu_has_avx2();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(block, 1));
+  at::parallel_for(0, units * T, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t unit = u / T, t = u % T;
+      const int64_t tn = (t + shift + T) % T;
+      const in_t* a = src + (unit * T + t) * block;
+      const in_t* p = src + (unit * T + tn) * block;
+      out_t* d = dst + (unit * T + t) * block;
+      if (avx2)
+        diff_block_avx2<in_t, out_t>(a, p, d, block, s, o);
+      else
+        diff_block_base<in_t, out_t>(a, p, d, block, s, o);
+    }
+  });
+}
+
 // out[:, :, t] = scale * (x[:, :, t] - x[:, :, t + shift mod T]) + offset, shift = -1 or +1.
 void time_diff_cpu(const at::Tensor& x, const at::Tensor& out, int shift, double scale, double offset) {
   const int64_t T = x.size(2);
@@ -43,6 +108,17 @@ void time_diff_cpu(const at::Tensor& x, const at::Tensor& out, int shift, double
     out.fill_(offset);
     return;
   }
+  int64_t units = 0, block = 0;
+  if (frame_blocks(x, out, units, block)) {
+    AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, x.scalar_type(), "time_diff_in", [&] {
+      using in_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "time_diff_out", [&] {
+        time_diff_blocks<in_t, scalar_t>(x, out, shift, scale, offset, units, block);
+      });
+    });
+    return;
+  }
+  // Any other layout: strided element-wise passes through TensorIterator.
   // The frames whose neighbour does not wrap: one shifted view against another.
   at::Tensor dst_body, a_body, b_body, dst_edge, a_edge, b_edge;
   if (shift < 0) {  // neighbour t - 1: frames 1..T-1 against 0..T-2, frame 0 against T-1
