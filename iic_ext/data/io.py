@@ -1,7 +1,8 @@
 """Frame and video decoding into resized uint8 arrays.
 
-JPEG frames are decoded with PIL using ``Image.draft`` (DCT-domain downscaling) when the source is at
-least twice the target size in both dimensions, then resized with bilinear filtering (what
+JPEG frames are decoded with PIL using ``Image.draft`` (DCT-domain downscaling by 2, 4 or 8) when the
+reduced image still covers the target size (within 2%: 340x256 frames decode at 170x128 for a 128x171
+target), then resized with bilinear filtering (what
 torchvision's ``Resize`` does on PIL images). Videos are decoded with PyAV on one thread, stopping
 after the last frame needed.
 """
@@ -27,6 +28,21 @@ def list_frames(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(FRAME_EXTENSIONS))
 
 
+# A DCT-scaled decode may land this much below the target and be resized up the rest of the way:
+# jpegs_256 frames (340 x 256) decode at half size to 170 x 128 for the 171 x 128 target.
+DRAFT_TOLERANCE = 0.98
+
+
+def _draft(img, mode: str, size: tuple[int, int]) -> None:
+    """Ask the JPEG decoder for the largest 1/2, 1/4 or 1/8 reduction that still (nearly) covers ``size``."""
+    h, w = size
+    for k in (8, 4, 2):
+        dw, dh = -(-img.width // k), -(-img.height // k)
+        if dw >= DRAFT_TOLERANCE * w and dh >= DRAFT_TOLERANCE * h:
+            img.draft(mode, (dw, dh))
+            return
+
+
 def read_image(path: str, size: tuple[int, int] | None, gray: bool = False, draft: bool = True) -> np.ndarray:
     """Decode one image to ``uint8 [H, W, 3]`` (gray images are replicated to 3 channels).
 
@@ -34,15 +50,13 @@ def read_image(path: str, size: tuple[int, int] | None, gray: bool = False, draf
         path: image file.
         size: ``(H, W)`` to resize to, or None to keep the decoded size.
         gray: decode as a single channel (optical-flow frames).
-        draft: allow JPEG DCT-scaled decoding when the source is at least twice ``size``.
+        draft: allow JPEG DCT-scaled decoding when the source is (nearly) twice ``size`` or more.
     """
     mode = "L" if gray else "RGB"
     try:
         with Image.open(path) as img:
             if draft and size is not None and img.format == "JPEG":
-                h, w = size
-                if img.width >= 2 * w and img.height >= 2 * h:
-                    img.draft(mode, (w, h))
+                _draft(img, mode, size)
             img = img.convert(mode)
             if size is not None and (img.height, img.width) != tuple(size):
                 img = img.resize((size[1], size[0]), Image.BILINEAR)
