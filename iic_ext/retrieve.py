@@ -25,8 +25,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .evaluation.common import (build_backbone, build_eval_dataset, describe_init, load_backbone_weights,
-                                resolve_common, select_device, str2bool)
+from .evaluation.common import (build_backbone, build_eval_dataset, describe_departures, describe_init,
+                                load_backbone_weights, resolve_common, select_device, str2bool)
 from .evaluation.features import FeatureCache, extract_features, file_fingerprint, needed_modalities
 from .evaluation.io import write_json
 from .evaluation.plot import plot_topk
@@ -210,8 +210,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
           f"of {args.clip_len}x{args.crop_size}x{args.crop_size} (from {args.resize[0]}x{args.resize[1]}), "
           f"device {device}")
     print(f"  {describe_init(args)}")
-    if args.from_preset and args.dataset == "synthetic":
-        print(f"  synthetic demo settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in args.from_preset))
+    if args.dataset == "synthetic" and describe_departures(args):
+        print(f"  synthetic demo settings (the original's differ): {describe_departures(args)}")
     t0 = time.time()
     feats = video_features(args, device=device)
     tr, te = feats["train"], feats["test"]

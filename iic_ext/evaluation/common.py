@@ -12,7 +12,7 @@ from torch import nn
 
 __all__ = ["DEFAULT_SSL_CHECKPOINT", "ORIGINAL_EVAL", "SYNTHETIC_EVAL", "str2bool", "select_device",
            "checkpoint_args", "resolve_common", "build_eval_dataset", "build_backbone", "report_keys",
-           "describe_init"]
+           "describe_init", "describe_departures"]
 
 # The checkpoint of ``python -m iic_ext.train`` run without arguments (R3D-10, res, repeat, synthetic).
 DEFAULT_SSL_CHECKPOINT = os.path.join("runs", "r3d_res_repeat_synthetic", "last.pth")
@@ -195,6 +195,16 @@ def load_backbone_weights(model: nn.Module, path: str, *, expected_missing: str 
                            f"checkpoint keys: {unexpected[:5]}")
     report_keys(missing, unexpected, expected_missing, strict, source=os.fspath(path), stream=stream)
     return missing, unexpected
+
+
+def describe_departures(args: argparse.Namespace, *originals: Dict[str, Any]) -> str:
+    """``key=value`` of the options filled from the synthetic preset that differ from the original."""
+    ref: Dict[str, Any] = {}
+    for o in (ORIGINAL_EVAL,) + originals:
+        ref.update(o)
+    items = [f"{k}={getattr(args, k)}" for k in getattr(args, "from_preset", [])
+             if k in ref and ref[k] != getattr(args, k) and ref[k] is not None]
+    return ", ".join(items)
 
 
 def describe_init(args: argparse.Namespace) -> str:
