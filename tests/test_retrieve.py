@@ -18,7 +18,7 @@ from iic_ext.ops import reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tiny synthetic settings shared by the end-to-end cases (R3D needs >= 32 px for the conv5 pooling).
-TINY = ["--clip-len", "8", "--resize", "36", "36", "--crop-size", "32", "--clips-per-video", "2",
+TINY = ["--clip-len", "4", "--resize", "32", "32", "--crop-size", "32", "--clips-per-video", "2",
         "--num-videos", "6", "--num-test-videos", "4", "--batch-size", "4", "--workers", "0",
         "--no-progress", "--no-plot", "--ckpt", "none"]
 

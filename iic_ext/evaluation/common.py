@@ -172,8 +172,8 @@ def report_keys(missing: Sequence[str], unexpected: Sequence[str], expected_miss
     if not other and not unexpected:
         print(f"  {source}: all backbone keys matched", file=stream)
     if strict and (other or unexpected):
-        raise RuntimeError(f"{source}: key mismatch ({len(other)} missing, {len(unexpected)} unexpected) "
-                           f"with --strict")
+        raise RuntimeError(f"{source}: key mismatch with --strict: {len(other)} missing {other[:5]}, "
+                           f"{len(unexpected)} unexpected {unexpected[:5]}")
 
 
 def load_backbone_weights(model: nn.Module, path: str, *, expected_missing: str = "linear.",
