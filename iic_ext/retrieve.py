@@ -94,7 +94,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--gpu", type=int, default=None, help="CUDA device index (the original flag)")
     g.add_argument("--out", default=None, help="output folder (default runs/retrieve/<run name>)")
     g.add_argument("--feature-dir", "--feature_dir", dest="feature_dir", default=None,
-                   help="feature cache folder (default <out>/features)")
+                   help="feature cache folder, shared by retrieve and linear (default runs/features)")
     g.add_argument("--id", default=None, help="sub-folder of --feature-dir (the original flag)")
     g.add_argument("--no-plot", dest="plot", action="store_false")
     g.add_argument("--no-progress", dest="progress", action="store_false")
@@ -128,7 +128,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                f"_{args.feature}_{_init_tag(args)}"
         args.out = os.path.join("runs", "retrieve", name)
     if args.feature_dir is None:
-        args.feature_dir = os.path.join(args.out, "features")
+        args.feature_dir = os.path.join("runs", "features")
     if args.id:
         args.feature_dir = os.path.join(args.feature_dir, args.id)
     args._resolved = True

@@ -187,7 +187,8 @@ def test_retrieve_cli_json_and_cache_reuse(tmp_path, capsys):
     from iic_ext import retrieve
 
     out = tmp_path / "r"
-    res = retrieve.cli(TINY + ["--out", str(out), "--knn", "3", "--modality", "res"])
+    TINY_OUT = TINY + ["--feature-dir", str(out / "features")]
+    res = retrieve.cli(TINY_OUT + ["--out", str(out), "--knn", "3", "--modality", "res"])
     saved = json.loads((out / "retrieval.json").read_text())
     for k in (1, 5, 10, 20, 50):
         assert 0.0 <= saved[f"top{k}"] <= 1.0
@@ -196,12 +197,12 @@ def test_retrieve_cli_json_and_cache_reuse(tmp_path, capsys):
     assert saved["settings"]["extracted"] == ["train", "test"]
     assert "RANDOM INIT" in capsys.readouterr().out
     # Same settings: features come from the cache, same numbers.
-    res2 = retrieve.cli(TINY + ["--out", str(out), "--modality", "res", "--no-extract"])
+    res2 = retrieve.cli(TINY_OUT + ["--out", str(out), "--modality", "res", "--no-extract"])
     assert res2["settings"]["extracted"] == []
     assert all(res2[f"top{k}"] == res[f"top{k}"] for k in (1, 5, 10, 20, 50))
     # Other settings: another cache key; --no-extract refuses to compute.
     with pytest.raises(FileNotFoundError, match="no cached"):
-        retrieve.cli(TINY + ["--out", str(out), "--modality", "rgb", "--no-extract"])
+        retrieve.cli(TINY_OUT + ["--out", str(out), "--modality", "rgb", "--no-extract"])
     assert len([d for d in os.listdir(out / "features") if not d.startswith(".")]) == 1
 
 
@@ -219,3 +220,21 @@ def test_original_flags_parse():
     b = retrieve_clips.parse_args(["--merge", "False"])
     assert b.merge is False and b.dataset == "ucf101" and b.modality == "res" and b.workers == 8
     assert str2bool("True") and not str2bool("False")
+
+
+# ---- linear probe ---------------------------------------------------------------------------------------
+
+def test_logistic_probe_separable_and_wd_selection():
+    from iic_ext.evaluation.probe import accuracy, fit_logistic, select_weight_decay, standardize
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g, dtype=torch.float64) * 4
+    y = torch.arange(60) % 3
+    x = centres[y] + torch.randn(60, 8, generator=g, dtype=torch.float64)
+    xt, = standardize(x)
+    for opt in ("lbfgs", "sgd"):
+        layer = fit_logistic(xt, y, 3, weight_decay=1e-3, optimizer=opt, epochs=30)
+        assert accuracy(layer, xt, y) == 1.0
+    chosen = select_weight_decay(x, y, 3, [1e-4, 1e2])
+    assert chosen["weight_decay"] in (1e-4, 1e2) and set(chosen["val_acc"]) == {1e-4, 1e2}
+    assert select_weight_decay(x, y, 3, [0.5]) == {"weight_decay": 0.5, "val_acc": {}}
