@@ -195,9 +195,9 @@ def _bar(total, desc, args):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+@torch.enable_grad()
 def train_one_epoch(model, optimizer, loader, epoch: int, args, device) -> Dict[str, float]:
     model.train()
-    torch.set_grad_enabled(True)
     total_loss, total_correct, n = 0.0, 0, 0
     bar = _bar(len(loader), f"epoch {epoch}/{args.epochs} train", args)
     for batch in loader:

@@ -55,7 +55,6 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         args.out = probe_args.out.replace(os.path.join("runs", "retrieve"), os.path.join("runs", "linear"), 1)
     args = resolve_retrieval(args)
     device = select_device(args.device, args.gpu)
-    torch.set_grad_enabled(True)
     print(f"Linear probe on {args.dataset} split {args.split}: {args.model}, input {args.modality}"
           f"{' + rgb (merged)' if args.merge else ''}, feature {'512-d pool' if args.feature == 'pool' else 'pooled conv5'}"
           f", {args.clips_per_video} clips/video, device {device}")

@@ -203,7 +203,11 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     """Run retrieval; returns the dict written to ``<out>/retrieval.json``."""
     args = resolve_args(args)
     device = select_device(args.device, args.gpu)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return _run(args, device)
+
+
+def _run(args, device) -> Dict[str, Any]:
     view = f"{args.modality}{' + rgb (merged)' if args.merge else ''}"
     print(f"Retrieval on {args.dataset} split {args.split}: {args.model}, input {view}, feature "
           f"{'pooled conv5' if args.feature == 'conv' else '512-d pool'}, {args.clips_per_video} clips/video "

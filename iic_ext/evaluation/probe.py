@@ -15,6 +15,7 @@ def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6):
     return tuple((x - mean) / std for x in (train,) + others)
 
 
+@torch.enable_grad()
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3,
                  optimizer: str = "lbfgs", max_iter: int = 300, lr: float = 0.1, epochs: int = 100,
                  batch_size: int = 256, seed: int = 0) -> torch.nn.Linear:
