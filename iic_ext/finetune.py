@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Subset
 from .evaluation.common import (build_backbone, build_eval_dataset, describe_departures, describe_init,
                                 load_backbone_weights, resolve_common, select_device, str2bool)
 from .evaluation.features import clip_input, needed_modalities
-from .evaluation.io import atomic_save, write_json
+from .evaluation.io import write_json
+from .utils.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["get_args_parser", "resolve_args", "main", "run_split", "train_one_epoch", "evaluate",
            "test_videos", "validation_size", "cli", "ORIGINAL_FT", "DEMO_FT"]
@@ -270,7 +271,7 @@ def test_videos(model, dataset, args, device) -> Dict[str, Any]:
 
 
 def _save(state: dict, path: str) -> None:
-    atomic_save(state, path)
+    save_checkpoint(state, path)
 
 
 def _rng_state() -> dict:
@@ -337,10 +338,8 @@ def run_split(args, split: int, device, out: str) -> Dict[str, Any]:
             if resume is None:
                 print(f"  --resume: no {last_path} yet, starting fresh")
         if resume:
-            state = torch.load(resume, map_location="cpu", weights_only=True)
-            for key in ("model", "optimizer", "scheduler", "epoch"):
-                if key not in state:
-                    raise ValueError(f"{resume}: not a fine-tuning checkpoint (no {key!r})")
+            state = load_checkpoint(resume, required=("model", "optimizer", "scheduler", "epoch", "best",
+                                                      "history", "rng"))
             saved = state.get("args", {})
             for key in ("dataset", "model", "modality", "batch_size", "seed", "clip_len"):
                 if key in saved and saved[key] != getattr(args, key):
@@ -377,8 +376,7 @@ def run_split(args, split: int, device, out: str) -> Dict[str, Any]:
                    "rng": _rng_state(), "args": _plain_args(args), "num_classes": num_classes}, last_path)
         if not os.path.isfile(best_path):
             raise RuntimeError(f"{out}: no best.pth (no epoch was run?)")
-        state = torch.load(best_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(load_checkpoint(best_path, required=("model",))["model"])
         print(f"  testing the best-validation model (epoch {best['epoch']}, val loss {best['val_loss']:.4f})")
         result["best_epoch"], result["best_val_loss"] = best["epoch"], best["val_loss"]
         result["history"] = history

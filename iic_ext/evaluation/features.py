@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..ops import residual_frames
-from .io import atomic_save
+from ..utils.checkpoint import save_checkpoint
 
 __all__ = ["MODALITIES", "needed_modalities", "clip_input", "extract_features", "FeatureCache",
            "file_fingerprint", "settings_key"]
@@ -161,7 +161,7 @@ class FeatureCache:
     def save(self, part: str, data: Dict[str, torch.Tensor]) -> str:
         os.makedirs(self.dir, exist_ok=True)
         p = self.path(part)
-        atomic_save({"key": self.key, **data}, p)
+        save_checkpoint({"key": self.key, **data}, p)
         settings_path = os.path.join(self.dir, "settings.json")
         if not os.path.isfile(settings_path):
             tmp = f"{settings_path}.{os.getpid()}.tmp"
