@@ -235,6 +235,6 @@ def test_logistic_probe_separable_and_wd_selection():
     for opt in ("lbfgs", "sgd"):
         layer = fit_logistic(xt, y, 3, weight_decay=1e-3, optimizer=opt, epochs=10, max_iter=50)
         assert accuracy(layer, xt, y) == 1.0
-    chosen = select_weight_decay(x, y, 3, [1e-4, 1e2])
+    chosen = select_weight_decay(x, y, 3, [1e-4, 1e2], max_iter=50)
     assert chosen["weight_decay"] in (1e-4, 1e2) and set(chosen["val_acc"]) == {1e-4, 1e2}
     assert select_weight_decay(x, y, 3, [0.5]) == {"weight_decay": 0.5, "val_acc": {}}
