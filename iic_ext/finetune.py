@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from .evaluation.common import (build_backbone, build_eval_dataset, describe_departures, describe_init,
-                                load_backbone_weights, resolve_common, select_device, str2bool)
+                                load_backbone_weights, resolve_common, select_device)
 from .evaluation.features import clip_input, needed_modalities
 from .evaluation.io import write_json
 from .utils.checkpoint import load_checkpoint, save_checkpoint

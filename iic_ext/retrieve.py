@@ -17,9 +17,7 @@ training run (``runs/r3d_res_repeat_synthetic/last.pth``) when it exists, else a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from typing import Any, Dict, Optional
 

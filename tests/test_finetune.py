@@ -1,5 +1,4 @@
 """Fine-tuning: validation split, residual input, training/test runs, resume, --split all, CLI."""
-import io
 import json
 import os
 import sys

@@ -12,7 +12,7 @@ from torch import nn
 
 __all__ = ["DEFAULT_SSL_CHECKPOINT", "ORIGINAL_EVAL", "SYNTHETIC_EVAL", "str2bool", "select_device",
            "checkpoint_args", "resolve_common", "build_eval_dataset", "build_backbone", "report_keys",
-           "describe_init", "describe_departures"]
+           "describe_init", "describe_departures", "load_backbone_weights"]
 
 # The checkpoint of ``python -m iic_ext.train`` run without arguments (R3D-10, res, repeat, synthetic).
 DEFAULT_SSL_CHECKPOINT = os.path.join("runs", "r3d_res_repeat_synthetic", "last.pth")

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn

@@ -1,7 +1,7 @@
 """Logistic-regression probe on frozen features (a torch linear layer, L-BFGS or SGD)."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
