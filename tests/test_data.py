@@ -303,3 +303,19 @@ def test_synthetic_classes_differ_by_motion():
                   "grow": lambda: div > 0.01, "shrink": lambda: div < -0.01,
                   "oscillate": lambda: mv.abs() < 0.05 and u[moving].abs().mean() > 0.3}
         assert checks[label](), (i, label, float(mu), float(mv), float(curl), float(div))
+
+
+def test_fixed_sampling_on_the_training_list_is_centre_cropped_and_epoch_independent():
+    ds = build_dataset("synthetic", train=True, clip_len=4, resize=(20, 24), crop_size=12, num_videos=10,
+                       sampling="fixed")
+    a = ds[3]["rgb"]
+    ds.set_epoch(5)
+    assert torch.equal(a, ds[3]["rgb"])
+    full = build_dataset("synthetic", train=True, clip_len=4, resize=(20, 24), crop_size=None, num_videos=10,
+                         sampling="fixed")[3]["rgb"]
+    assert torch.equal(a, full[:, :, 4:16, 6:18])  # centre 12x12 of 20x24
+    rand = build_dataset("synthetic", train=True, clip_len=4, resize=(20, 24), crop_size=12, num_videos=10)
+    crops = {tuple(rand[3]["rgb"].flatten()[:50].tolist()) for e in range(6) if rand.set_epoch(e) is None}
+    assert len(crops) > 1
+    with pytest.raises(ValueError, match="sampling"):
+        build_dataset("synthetic", sampling="bogus")

@@ -36,7 +36,8 @@ def build_dataset(name: str = "synthetic", root: str | os.PathLike | None = None
         crop_size (int | (H, W) | None): crop, shared by every frame and modality of a clip.
         clips_per_video (int): N clips at linspace positions; items gain a leading N dimension if N > 1.
         seed (int): base of the per-item generator seeded from (seed, epoch, index).
-        **kw: ``hflip`` (default False), ``skip_bad`` (skip unreadable videos with a warning, default
+        **kw: ``sampling`` (``"auto"``: random window and crop on the training list, fixed positions and
+            centre crop on the test list; ``"random"`` or ``"fixed"`` to choose), ``hflip`` (default False), ``skip_bad`` (skip unreadable videos with a warning, default
             False), ``short`` (``"error"`` or ``"loop"``), and the dataset-specific options of
             :class:`VideoClipDataset` (``split_dir``, ``layout``, ``frames_dir``, ``flow_dir``,
             ``video_dir``, ``fast_jpeg``) or :class:`SyntheticMotionDataset` (``num_videos``,

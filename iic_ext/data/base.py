@@ -37,7 +37,7 @@ class ClipDataset(Dataset):
 
     def __init__(self, *, train: bool = True, modalities: Sequence[str] = ("rgb",), clip_len: int = 16,
                  resize=(128, 171), crop_size=112, clips_per_video: int = 1, seed: int = 0,
-                 hflip: bool = False, skip_bad: bool = False, short: str = "error"):
+                 hflip: bool = False, skip_bad: bool = False, short: str = "error", sampling: str = "auto"):
         if isinstance(modalities, str):
             modalities = (modalities,)
         modalities = tuple(modalities)
@@ -48,6 +48,11 @@ class ClipDataset(Dataset):
             raise ValueError("clip_len and clips_per_video must be positive")
         if short not in ("error", "loop"):
             raise ValueError(f"short must be 'error' or 'loop', got {short!r}")
+        if sampling not in ("auto", "random", "fixed"):
+            raise ValueError(f"sampling must be 'auto', 'random' or 'fixed', got {sampling!r}")
+        # auto: the training list samples at random (window and crop), the test list at fixed
+        # positions (linspace windows, centre crop); evaluation extracts the training list 'fixed'.
+        self.random_sampling = bool(train) if sampling == "auto" else sampling == "random"
         self.train = bool(train)
         self.modalities = modalities
         self.clip_len = int(clip_len)
@@ -116,7 +121,7 @@ class ClipDataset(Dataset):
             raise ShortVideoError(self._describe(index),
                                   f"{length} usable frames, a clip needs {T} (short='loop' repeats frames)")
         g = sample_generator(self.seed, self.epoch, index)
-        random_window = self.train and N == 1
+        random_window = self.random_sampling and N == 1
         starts = clip_starts(length, T, N, random_window, g)
         indices = [[(s + j) % length for j in range(T)] for s in starts]
         needed = sorted({i for clip in indices for i in clip})
@@ -146,6 +151,6 @@ class ClipDataset(Dataset):
     def _crop(self, h: int, w: int, g: torch.Generator):
         if self.crop_size is None:
             return None
-        if self.train:
+        if self.random_sampling:
             return draw_crop(h, w, self.crop_size, g, self.hflip)
         return center_crop(h, w, self.crop_size)

@@ -122,7 +122,6 @@ def build_eval_dataset(args: argparse.Namespace, train: bool, modalities: Sequen
             training list.
     """
     from ..data import build_dataset
-    from ..data.sampling import center_crop
 
     kw: Dict[str, Any] = {}
     if args.dataset == "synthetic":
@@ -130,17 +129,13 @@ def build_eval_dataset(args: argparse.Namespace, train: bool, modalities: Sequen
         if n is not None:
             kw["num_videos"] = int(n)
     n_clips = int(clips_per_video if clips_per_video is not None else args.clips_per_video)
+    # The original extracts the training list like the test list: fixed windows, centre crop.
+    sampling = "random" if (train and augment) else "fixed"
     ds = build_dataset(args.dataset, root=getattr(args, "data_root", None),
                        split=int(split if split is not None else args.split), train=train,
                        modalities=tuple(modalities), clip_len=args.clip_len, resize=tuple(args.resize),
-                       crop_size=args.crop_size, clips_per_video=n_clips, seed=args.data_seed, **kw)
-    if train and not augment:
-        # The datasets crop training-list clips at random; evaluation wants the centre. (With several
-        # clips per video the windows are already at linspace positions.)
-        def _centre(h, w, g, _ds=ds):
-            return None if _ds.crop_size is None else center_crop(h, w, _ds.crop_size)
-
-        ds._crop = _centre
+                       crop_size=args.crop_size, clips_per_video=n_clips, seed=args.data_seed,
+                       sampling=sampling, **kw)
     return ds
 
 
