@@ -261,46 +261,40 @@ bool groupable(int64_t B, int64_t Kc, int64_t N) {
   return N < (int64_t{1} << 31) && ceil_log2(Kc) < 31 && B <= (int64_t{1} << (31 - ceil_log2(Kc))) - 1;
 }
 
-// Counting sort in parallel over chunks of b: chunk c counts its pairs per row, then writes them
-// after the pairs of chunks before it, so every row lists its pairs in (b, k) order whatever the
-// chunking.
+// Counting sort, in parallel over ranges of rows: each task scans all pairs in (b, k) order and keeps
+// those of its rows, so the tasks write disjoint parts of the output (no shared cache lines) and every
+// row lists its pairs in (b, k) order whatever the number of tasks.
 RowGroups group_by_row(const int64_t* idx, int64_t B, int64_t Kc, int64_t C, int64_t N) {
   RowGroups g;
   g.shift = ceil_log2(Kc);
   g.C = C;
-  const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
-  std::vector<int32_t> cnt(nch * (N + 1), 0);
+  const int64_t P = B * Kc;
+  // small problems stay on one thread: a parallel region costs more than the sort
+  const int64_t nch = P < (int64_t{1} << 18) ? 1 : std::max<int64_t>(1, std::min<int64_t>(N / 1024, at::get_num_threads()));
+  std::vector<int32_t> cnt(N + 1, 0);
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      int32_t* ct = cnt.data() + c * (N + 1);
-      const int64_t* ix = idx + (B * c / nch) * Kc;
-      const int64_t n = (B * (c + 1) / nch - B * c / nch) * Kc;
-      for (int64_t p = 0; p < n; ++p) ++ct[ix[p]];
+      const uint64_t lo = N * c / nch, span = N * (c + 1) / nch - lo;
+      int32_t* ct = cnt.data();
+      for (int64_t p = 0; p < P; ++p)
+        if (static_cast<uint64_t>(idx[p]) - lo < span) ++ct[idx[p]];
     }
   });
-  // start[r] = pairs of rows < r; chunk c of row r begins after chunks < c of the same row
   g.start.assign(N + 1, 0);
   int32_t* st = g.start.data();
-  int64_t total = 0;
-  for (int64_t r = 0; r < N; ++r) {
-    st[r] = static_cast<int32_t>(total);
-    for (int64_t c = 0; c < nch; ++c) {
-      int32_t& x = cnt[c * (N + 1) + r];
-      const int32_t n = x;
-      x = static_cast<int32_t>(total);
-      total += n;
-    }
-  }
-  st[N] = static_cast<int32_t>(total);
-  g.pair.resize(B * Kc);
+  for (int64_t r = 0; r < N; ++r) st[r + 1] = st[r] + cnt[r];
+  std::copy(g.start.begin(), g.start.end(), cnt.begin());  // write positions
+  g.pair.resize(P);
   int32_t* pr = g.pair.data();
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      int32_t* pos = cnt.data() + c * (N + 1);
-      for (int64_t b = B * c / nch; b < B * (c + 1) / nch; ++b) {
+      const uint64_t lo = N * c / nch, span = N * (c + 1) / nch - lo;
+      int32_t* pos = cnt.data();
+      for (int64_t b = 0; b < B; ++b) {
         const int64_t* ix = idx + b * Kc;
         const int32_t hi = static_cast<int32_t>(b << g.shift);
-        for (int64_t k = 0; k < Kc; ++k) pr[pos[ix[k]]++] = hi | static_cast<int32_t>(k);
+        for (int64_t k = 0; k < Kc; ++k)
+          if (static_cast<uint64_t>(ix[k]) - lo < span) pr[pos[ix[k]]++] = hi | static_cast<int32_t>(k);
       }
     }
   });
