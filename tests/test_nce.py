@@ -18,10 +18,12 @@ DTYPES = [
     (torch.float32, torch.bfloat16),
     (torch.bfloat16, torch.bfloat16),
 ]
-# (B, K, D, N). The op groups pairs by bank row when B*K > N, else gathers rows: both plans appear.
-ROWS_SHAPES = [(4, 50, 37, 20), (16, 64, 128, 300), (3, 7, 1, 5), (2, 600, 20, 100)]
+# (B, K, D, N). The op's plan depends on the draws per bank row, B*K / N: above 4 a GEMM against the
+# whole bank (float32/float64 banks), above 1 the pairs grouped by row, else the rows gathered.
+DENSE_SHAPES = [(4, 50, 37, 20), (3, 7, 1, 5), (2, 600, 20, 100)]
+ROWS_SHAPES = [(16, 64, 128, 300), (8, 30, 19, 100), (3, 3, 1, 5)]
 GATHER_SHAPES = [(4, 5, 37, 1000), (2, 300, 33, 10000), (1, 1, 16, 10), (5, 3, 130, 64)]
-SHAPES = ROWS_SHAPES + GATHER_SHAPES
+SHAPES = DENSE_SHAPES + ROWS_SHAPES + GATHER_SHAPES
 
 
 def _unit_rows(n, d, dtype, device, gen):
@@ -68,23 +70,26 @@ def test_bank_scores_matches_reference(device, fdt, bdt, shape):
     assert_close(reference.bank_scores_dense(feat.double(), bank.double(), idx), exact)
 
 
-@pytest.mark.parametrize("shape", ROWS_SHAPES)
+@pytest.mark.parametrize("shape", DENSE_SHAPES + ROWS_SHAPES[:2])
 def test_bank_scores_plans_agree(shape):
-    """Row grouping (B*K > N) and gathering (the same bank padded to a large N) give the same scores."""
+    """The same bank padded with unused rows moves the op from GEMM to row grouping to gathering:
+    the scores and gradients agree."""
     B, K, D, N = shape
     feat, bank, idx = _inputs(B, K, D, N, torch.float32, torch.float32)
-    big = _padded(bank, B * K + 10)
-    grouped, gathered = bank_scores(feat, bank, idx), bank_scores(feat, big, idx)
-    assert_close(grouped, gathered, rtol=1e-6, atol=1e-6)
-    f = feat.clone().requires_grad_()
+    banks = [bank, _padded(bank, max(0, B * K // 2 - N)), _padded(bank, B * K + 10)]
+    outs = [bank_scores(feat, b, idx) for b in banks]
     g = torch.randn(B, K)
-    (ga,) = torch.autograd.grad(bank_scores(f, bank, idx), f, g)
-    (gb,) = torch.autograd.grad(bank_scores(f, big, idx), f, g)
-    assert_close(ga, gb, rtol=1e-5, atol=1e-5)
+    grads = []
+    for b in banks:
+        f = feat.clone().requires_grad_()
+        grads.append(torch.autograd.grad(bank_scores(f, b, idx), f, g)[0])
+    for o, gr in zip(outs[1:], grads[1:]):
+        assert_close(o, outs[0], rtol=1e-5, atol=1e-5)
+        assert_close(gr, grads[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("fdt,bdt", DTYPES)
-@pytest.mark.parametrize("shape", [ROWS_SHAPES[0], ROWS_SHAPES[3], GATHER_SHAPES[0], GATHER_SHAPES[1]])
+@pytest.mark.parametrize("shape", [DENSE_SHAPES[0], DENSE_SHAPES[2], ROWS_SHAPES[0], ROWS_SHAPES[1], GATHER_SHAPES[0], GATHER_SHAPES[1]])
 def test_bank_scores_backward_matches_reference(fdt, bdt, shape):
     feat, bank, idx = _inputs(*shape, fdt, bdt)
     grad = torch.randn(idx.shape, dtype=torch.float64).to(fdt)
@@ -127,21 +132,22 @@ def test_bank_scores_empty():
     assert torch.equal(f.grad, torch.zeros(3, 8))
 
 
-@pytest.mark.parametrize("shape", [ROWS_SHAPES[0], GATHER_SHAPES[0]])
+@pytest.mark.parametrize("shape", [DENSE_SHAPES[0], ROWS_SHAPES[1], GATHER_SHAPES[0]])
 def test_bank_scores_gradcheck(shape):
     B, K, D, N = shape
-    feat, bank, idx = _inputs(B, min(K, 12), min(D, 9), N, torch.float64, torch.float64)
+    feat, bank, idx = _inputs(B, K, min(D, 9), N, torch.float64, torch.float64)
     feat.requires_grad_()
-    assert torch.autograd.gradcheck(lambda f: bank_scores(f, bank, idx), (feat,))
+    assert torch.autograd.gradcheck(lambda f: bank_scores(f, bank, idx), (feat,), fast_mode=True)
 
 
 def test_bank_scores_deterministic():
-    for shape in (ROWS_SHAPES[1], GATHER_SHAPES[1]):
+    # across thread counts for the own kernels; the GEMM plan (BLAS) run to run
+    for shape, counts in ((ROWS_SHAPES[0], (1, 2, 1)), (GATHER_SHAPES[1], (1, 2, 1)), (DENSE_SHAPES[2], (2, 2))):
         feat, bank, idx = _inputs(*shape, torch.float32, torch.float32)
         grad = torch.randn(idx.shape)
         runs = []
         threads = torch.get_num_threads()
-        for n in (1, threads, 1):
+        for n in counts:
             torch.set_num_threads(n)
             f = feat.clone().requires_grad_()
             out = bank_scores(f, bank, idx)
@@ -166,7 +172,7 @@ def _iic_inputs(B, K1, D, N, fdt, bdt, neg=True, device="cpu", seed=0):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fdt,bdt", DTYPES)
-@pytest.mark.parametrize("shape", [ROWS_SHAPES[0], ROWS_SHAPES[2], GATHER_SHAPES[0], GATHER_SHAPES[2]])
+@pytest.mark.parametrize("shape", [DENSE_SHAPES[0], ROWS_SHAPES[1], ROWS_SHAPES[2], GATHER_SHAPES[0], GATHER_SHAPES[2]])
 @pytest.mark.parametrize("neg", [True, False])
 def test_iic_scores_matches_reference(device, fdt, bdt, shape, neg):
     l, ab, bl, bab, bneg, idx = _iic_inputs(*shape, fdt, bdt, neg, device)
@@ -185,7 +191,7 @@ def test_iic_scores_matches_reference(device, fdt, bdt, shape, neg):
 
 
 @pytest.mark.parametrize("fdt,bdt", DTYPES)
-@pytest.mark.parametrize("shape", [ROWS_SHAPES[0], ROWS_SHAPES[3], GATHER_SHAPES[1], GATHER_SHAPES[3]])
+@pytest.mark.parametrize("shape", [DENSE_SHAPES[0], DENSE_SHAPES[2], ROWS_SHAPES[1], GATHER_SHAPES[1], GATHER_SHAPES[3]])
 @pytest.mark.parametrize("neg", [True, False])
 def test_iic_scores_backward_matches_reference(fdt, bdt, shape, neg):
     l, ab, bl, bab, bneg, idx = _iic_inputs(*shape, fdt, bdt, neg)
@@ -210,20 +216,27 @@ def test_iic_scores_backward_matches_reference(fdt, bdt, shape, neg):
 
 @pytest.mark.parametrize("neg", [True, False])
 def test_iic_scores_plans_agree(neg):
-    l, ab, bl, bab, bneg, idx = _iic_inputs(8, 65, 40, 100, torch.float32, torch.float32, neg)
-    pad = lambda t: None if t is None else _padded(t, 1000)  # noqa: E731
-    for a, b in zip(iic_scores(l, ab, bl, bab, bneg, idx, 2.0), iic_scores(l, ab, pad(bl), pad(bab), pad(bneg), idx, 2.0)):
-        assert_close(a, b, rtol=1e-6, atol=1e-6)
+    l, ab, bl, bab, bneg, idx = _iic_inputs(8, 65, 40, 100, torch.float32, torch.float32, neg)  # GEMM
+    gl, gab = torch.randn(2, 8, 65 * (2 if neg else 1))
+    results = []
+    for extra in (0, 200, 1000):  # GEMM, row grouping, gathering
+        pad = lambda t: None if t is None else _padded(t, extra)  # noqa: E731
+        x, y = l.clone().requires_grad_(), ab.clone().requires_grad_()
+        outs = iic_scores(x, y, pad(bl), pad(bab), pad(bneg), idx, 2.0)
+        results.append(outs + torch.autograd.grad(outs, (x, y), (gl, gab)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [ROWS_SHAPES[0], GATHER_SHAPES[0]])
+@pytest.mark.parametrize("shape", [DENSE_SHAPES[0], ROWS_SHAPES[1], GATHER_SHAPES[0]])
 @pytest.mark.parametrize("neg", [True, False])
 def test_iic_scores_gradcheck(shape, neg):
     B, K, D, N = shape
-    l, ab, bl, bab, bneg, idx = _iic_inputs(B, min(K, 10), min(D, 7), N, torch.float64, torch.float64, neg)
+    l, ab, bl, bab, bneg, idx = _iic_inputs(B, K, min(D, 7), N, torch.float64, torch.float64, neg)
     l.requires_grad_()
     ab.requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, y: iic_scores(x, y, bl, bab, bneg, idx, 3.0), (l, ab))
+    assert torch.autograd.gradcheck(lambda x, y: iic_scores(x, y, bl, bab, bneg, idx, 3.0), (l, ab), fast_mode=True)
 
 
 def test_iic_scores_empty_and_strided():
@@ -237,7 +250,7 @@ def test_iic_scores_empty_and_strided():
 
 
 def test_iic_scores_deterministic():
-    for shape in (ROWS_SHAPES[1], GATHER_SHAPES[1]):
+    for shape in (DENSE_SHAPES[2], ROWS_SHAPES[0], GATHER_SHAPES[1]):
         l, ab, bl, bab, bneg, idx = _iic_inputs(*shape, torch.float32, torch.float32)
         runs = []
         for _ in range(2):
@@ -365,7 +378,7 @@ def test_bad_inputs_raise(case):
 
 def _opcheck_cases():
     ops = torch.ops.iic_ext
-    for shape in (ROWS_SHAPES[0], GATHER_SHAPES[0]):
+    for shape in (DENSE_SHAPES[0], ROWS_SHAPES[1], GATHER_SHAPES[0]):
         feat, bank, idx = _inputs(*shape, torch.float32, torch.float32)
         yield ops.bank_scores.default, (feat.requires_grad_(), bank, idx)
         yield ops._bank_scores_backward.default, (torch.randn(idx.shape), bank, idx, torch.float32)

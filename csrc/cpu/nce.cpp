@@ -261,23 +261,43 @@ bool groupable(int64_t B, int64_t Kc, int64_t N) {
   return N < (int64_t{1} << 31) && ceil_log2(Kc) < 31 && B <= (int64_t{1} << (31 - ceil_log2(Kc))) - 1;
 }
 
+// Counting sort, in parallel over ranges of rows: each task scans all pairs in (b, k) order and keeps
+// those of its rows, so the tasks write disjoint parts of the output (no shared cache lines) and every
+// row lists its pairs in (b, k) order whatever the number of tasks.
 RowGroups group_by_row(const int64_t* idx, int64_t B, int64_t Kc, int64_t C, int64_t N) {
   RowGroups g;
   g.shift = ceil_log2(Kc);
   g.C = C;
+  const int64_t P = B * Kc;
+  // small problems stay on one thread: a parallel region costs more than the sort
+  const int64_t nch = P < (int64_t{1} << 18) ? 1 : std::max<int64_t>(1, std::min<int64_t>(N / 1024, at::get_num_threads()));
+  std::vector<int32_t> cnt(N + 1, 0);
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint64_t lo = N * c / nch, span = N * (c + 1) / nch - lo;
+      int32_t* ct = cnt.data();
+      for (int64_t p = 0; p < P; ++p)
+        if (static_cast<uint64_t>(idx[p]) - lo < span) ++ct[idx[p]];
+    }
+  });
   g.start.assign(N + 1, 0);
   int32_t* st = g.start.data();
-  const int64_t P = B * Kc;
-  for (int64_t p = 0; p < P; ++p) ++st[idx[p] + 1];
-  for (int64_t r = 0; r < N; ++r) st[r + 1] += st[r];
-  std::vector<int32_t> pos(g.start.begin(), g.start.end() - 1);
+  for (int64_t r = 0; r < N; ++r) st[r + 1] = st[r] + cnt[r];
+  std::copy(g.start.begin(), g.start.end(), cnt.begin());  // write positions
   g.pair.resize(P);
   int32_t* pr = g.pair.data();
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t* ix = idx + b * Kc;
-    const int32_t hi = static_cast<int32_t>(b << g.shift);
-    for (int64_t k = 0; k < Kc; ++k) pr[pos[ix[k]]++] = hi | static_cast<int32_t>(k);
-  }
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint64_t lo = N * c / nch, span = N * (c + 1) / nch - lo;
+      int32_t* pos = cnt.data();
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t* ix = idx + b * Kc;
+        const int32_t hi = static_cast<int32_t>(b << g.shift);
+        for (int64_t k = 0; k < Kc; ++k)
+          if (static_cast<uint64_t>(ix[k]) - lo < span) pr[pos[ix[k]]++] = hi | static_cast<int32_t>(k);
+      }
+    }
+  });
   return g;
 }
 
@@ -325,8 +345,6 @@ IIC_INLINE void fwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& 
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t s = st[r], e = st[r + 1];
     if (s == e) continue;
-    if (r + 2 < r1 && st[r + 3] > st[r + 2])
-      for (int j = 0; j < p.njobs; ++j) prefetch_row(p.jobs[j].bank, p.jobs[j].ld, r + 2, D);
     for (int j = 0; j < p.njobs; ++j) {
       const auto& job = p.jobs[j];
       const acc_t* row = load_row(job.bank, job.ld, r, D, buf);
@@ -385,8 +403,6 @@ IIC_INLINE void bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& 
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t s = st[r], e = st[r + 1];
     if (s == e) continue;
-    if (r + 2 < r1 && st[r + 3] > st[r + 2])
-      for (int j = 0; j < p.njobs; ++j) prefetch_row(p.jobs[j].bank, p.jobs[j].ld, r + 2, D);
     for (int j = 0; j < p.njobs; ++j) {
       const auto& job = p.jobs[j];
       const acc_t* row = load_row(job.bank, job.ld, r, D, buf);
@@ -463,13 +479,88 @@ Isa cpu_isa() {
 constexpr int64_t kPairBlock = 256;  // pairs (b, k) per gather task
 
 // Grouping by row pays once the draws outnumber the bank's rows (every touched row is then read once
-// and in order); with few draws, gathering avoids the O(N) pass. IIC_EXT_NCE_GROUP_RATIO tunes it.
+// and in order); with few draws, gathering avoids the O(N) pass. With several draws per row a GEMM
+// against the whole bank (B dots per row, at BLAS speed) beats both. IIC_EXT_NCE_GROUP_RATIO and
+// IIC_EXT_NCE_DENSE_RATIO (draws per bank row) tune the switches.
+double env_ratio(const char* name, double fallback) {
+  const char* s = std::getenv(name);
+  return s ? std::atof(s) : fallback;
+}
+
 bool group_rows(int64_t pairs, int64_t N) {
-  static const double ratio = [] {
-    const char* s = std::getenv("IIC_EXT_NCE_GROUP_RATIO");
-    return s ? std::atof(s) : 1.0;
-  }();
+  static const double ratio = env_ratio("IIC_EXT_NCE_GROUP_RATIO", 1.0);
   return static_cast<double>(pairs) > ratio * static_cast<double>(N);
+}
+
+template <typename bank_t, typename acc_t>
+bool use_dense(int64_t pairs, int64_t N) {
+  static const double ratio = env_ratio("IIC_EXT_NCE_DENSE_RATIO", 4.0);
+  // the GEMM reads the bank in the accumulation type: float32 with float32, float64 with float64
+  return std::is_same_v<bank_t, acc_t> && static_cast<double>(pairs) > ratio * static_cast<double>(N);
+}
+
+template <typename acc_t>
+at::TensorOptions acc_options() {
+  return at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+}
+
+// The job's bank as a tensor [N, D] and its features stacked [nf B, D] (views of the problem's memory).
+template <typename bank_t, typename acc_t>
+std::pair<at::Tensor, at::Tensor> job_tensors(const Problem<bank_t, acc_t>& p, const Job<bank_t, acc_t>& job,
+                                              int64_t N, bool with_feat) {
+  const auto opts = acc_options<acc_t>();
+  at::Tensor bank = at::from_blob(const_cast<bank_t*>(job.bank), {N, p.D}, {job.ld, 1}, opts);
+  if (!with_feat) return {bank, at::Tensor()};
+  std::vector<at::Tensor> f;
+  for (int i = 0; i < job.nf; ++i) f.push_back(at::from_blob(const_cast<acc_t*>(job.feat[i]), {p.B, p.D}, opts));
+  return {bank, job.nf == 1 ? f[0] : at::cat(f)};
+}
+
+template <typename bank_t, typename acc_t>
+void forward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
+  const int64_t B = p.B, Kc = p.Kc, C = p.C;
+  for (int j = 0; j < p.njobs; ++j) {
+    const auto& job = p.jobs[j];
+    auto [bank, feat] = job_tensors(p, job, N, true);
+    const at::Tensor S = at::mm(feat, bank.t()).contiguous();  // [nf B, N]
+    const acc_t* s = S.const_data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t* ix = p.idx + b * Kc;
+        for (int i = 0; i < job.nf; ++i) {
+          const acc_t* sr = s + (i * B + b) * N;
+          acc_t* out = job.mat[i] + b * C + job.off[i];
+          for (int64_t k = 0; k < Kc; ++k) out[k] = sr[ix[k]] * p.scale;
+        }
+      }
+    });
+  }
+}
+
+template <typename bank_t, typename acc_t>
+at::Tensor backward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
+  const int64_t B = p.B, Kc = p.Kc, C = p.C;
+  const auto opts = acc_options<acc_t>();
+  at::Tensor grads = at::zeros({p.nslots, B, p.D}, opts);
+  for (int j = 0; j < p.njobs; ++j) {
+    const auto& job = p.jobs[j];
+    at::Tensor bank = job_tensors(p, job, N, false).first;
+    at::Tensor G = at::zeros({job.nf * B, N}, opts);  // the score gradients scattered over the bank rows
+    acc_t* gp = G.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t* ix = p.idx + b * Kc;
+        for (int i = 0; i < job.nf; ++i) {
+          acc_t* gr = gp + (i * B + b) * N;
+          const acc_t* gin = job.mat[i] + b * C + job.off[i];
+          for (int64_t k = 0; k < Kc; ++k) gr[ix[k]] += gin[k] * p.scale;
+        }
+      }
+    });
+    const at::Tensor P = at::mm(G, bank);  // [nf B, D]
+    for (int i = 0; i < job.nf; ++i) grads[job.slot[i]].add_(P.narrow(0, i * B, B));
+  }
+  return grads;
 }
 
 template <typename bank_t, typename acc_t>
@@ -477,7 +568,9 @@ void run_forward(const Problem<bank_t, acc_t>& p, int64_t N) {
   const int64_t P = p.B * p.Kc;
   if (P == 0) return;
   const int64_t D = p.D;
-  if (group_rows(P, N) && groupable(p.B, p.Kc, N)) {
+  if (use_dense<bank_t, acc_t>(P, N)) {
+    forward_dense(p, N);
+  } else if (group_rows(P, N) && groupable(p.B, p.Kc, N)) {
     const RowGroups g = group_by_row(p.idx, p.B, p.Kc, p.C, N);
     at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> buf(D);
@@ -512,6 +605,7 @@ at::Tensor run_backward(const Problem<bank_t, acc_t>& p, int64_t N, const at::Te
   const int64_t B = p.B, D = p.D, S = p.nslots;
   const int64_t P = B * p.Kc;
   if (P == 0 || D == 0) return at::zeros({S, B, D}, opts);
+  if (use_dense<bank_t, acc_t>(P, N)) return backward_dense(p, N);
   if (group_rows(P, N) && groupable(p.B, p.Kc, N)) {
     const RowGroups g = group_by_row(p.idx, p.B, p.Kc, p.C, N);
     const int64_t nseg = std::clamp<int64_t>(std::min(N, P) / 2048, 1, 32);
