@@ -27,6 +27,9 @@ def _pair(x, name: str) -> tuple[int, int] | None:
 
 
 class ClipDataset(Dataset):
+    # subclasses whose _load accepts box=(top, left, h, w) and returns that crop of the resized frames
+    crops_in_decoder = False
+
     """Base of the clip datasets. Subclasses provide ``classes``, ``labels``, ``_length(i)``,
     ``_describe(i)`` and ``_load(i, modality, frame_indices, size) -> {frame: uint8 [H, W, 3]}``.
 
@@ -126,9 +129,20 @@ class ClipDataset(Dataset):
         indices = [[(s + j) % length for j in range(T)] for s in starts]
         needed = sorted({i for clip in indices for i in clip})
 
-        crops, item = None, {}
+        crops, item, box = None, {}, None
+        if self.crops_in_decoder and self.resize is not None and self.crop_size is not None:
+            # The frame size is known before decoding: draw the crops now and, when every clip shares
+            # one, let the decoder resample just that region of each frame.
+            crops = [self._crop(*self.resize, g) for _ in range(N)]
+            boxes = {(c.top, c.left, c.height, c.width) for c in crops}
+            if len(boxes) == 1:
+                box = boxes.pop()
+            size = self.crop_size if box else self.resize
         for modality in self.modalities:
-            frames = self._load(index, modality, needed, self.resize)
+            if box is None:
+                frames = self._load(index, modality, needed, self.resize)
+            else:
+                frames = self._load(index, modality, needed, self.resize, box=box)
             lookup = {f: k for k, f in enumerate(needed)}
             video = torch.from_numpy(np.stack([frames[f] for f in needed]))  # [F, H, W, 3]
             h, w = video.shape[1:3]
@@ -141,7 +155,11 @@ class ClipDataset(Dataset):
             clips = []
             for clip, crop in zip(indices, crops):
                 sel = video[[lookup[f] for f in clip]]  # [T, H, W, 3]
-                sel = apply_crop(sel.permute(3, 0, 1, 2), crop) if crop else sel.permute(3, 0, 1, 2)
+                sel = sel.permute(3, 0, 1, 2)
+                if box is not None:  # already cropped by the decoder; only a flip is left
+                    sel = sel.flip(-1) if crop.flip else sel
+                elif crop:
+                    sel = apply_crop(sel, crop)
                 clips.append(sel.contiguous())
             item[modality] = clips[0] if N == 1 else torch.stack(clips)
         item["label"] = int(self.labels[index])

@@ -43,7 +43,20 @@ def _draft(img, mode: str, size: tuple[int, int]) -> None:
             return
 
 
-def read_image(path: str, size: tuple[int, int] | None, gray: bool = False, draft: bool = True) -> np.ndarray:
+def _resize(img, size, box):
+    """Resize ``img`` to ``size`` (H, W), or only the region ``box`` = (top, left, h, w) of that resized
+    image: resampling just the crop gives the same pixels (to a rounding step) for less work."""
+    if box is None:
+        if (img.height, img.width) != tuple(size):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        return img
+    top, left, h, w = box
+    sy, sx = img.height / size[0], img.width / size[1]
+    return img.resize((w, h), Image.BILINEAR, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+
+
+def read_image(path: str, size: tuple[int, int] | None, gray: bool = False, draft: bool = True,
+               box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Decode one image to ``uint8 [H, W, 3]`` (gray images are replicated to 3 channels).
 
     Args:
@@ -51,6 +64,7 @@ def read_image(path: str, size: tuple[int, int] | None, gray: bool = False, draf
         size: ``(H, W)`` to resize to, or None to keep the decoded size.
         gray: decode as a single channel (optical-flow frames).
         draft: allow JPEG DCT-scaled decoding when the source is (nearly) twice ``size`` or more.
+        box: ``(top, left, h, w)``: return only this crop of the resized image (requires ``size``).
     """
     mode = "L" if gray else "RGB"
     try:
@@ -58,8 +72,8 @@ def read_image(path: str, size: tuple[int, int] | None, gray: bool = False, draf
             if draft and size is not None and img.format == "JPEG":
                 _draft(img, mode, size)
             img = img.convert(mode)
-            if size is not None and (img.height, img.width) != tuple(size):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            if size is not None:
+                img = _resize(img, size, box)
             arr = np.asarray(img)
     except FileNotFoundError:
         raise MissingDataError(path, "frame not found") from None
@@ -71,11 +85,11 @@ def read_image(path: str, size: tuple[int, int] | None, gray: bool = False, draf
 
 
 def read_frames(folder: str, names: Sequence[str], indices: Iterable[int], size: tuple[int, int] | None,
-                gray: bool = False, draft: bool = True) -> dict[int, np.ndarray]:
+                gray: bool = False, draft: bool = True, box=None) -> dict[int, np.ndarray]:
     """Decode the frames ``names[i]`` for the distinct ``indices``; returns ``{i: uint8 [H, W, 3]}``."""
     out = {}
     for i in sorted(set(indices)):
-        out[i] = read_image(os.path.join(folder, names[i]), size, gray=gray, draft=draft)
+        out[i] = read_image(os.path.join(folder, names[i]), size, gray=gray, draft=draft, box=box)
     return out
 
 
@@ -110,7 +124,8 @@ def video_frame_count(path: str) -> int:
         container.close()
 
 
-def read_video_frames(path: str, indices: Iterable[int], size: tuple[int, int] | None) -> dict[int, np.ndarray]:
+def read_video_frames(path: str, indices: Iterable[int], size: tuple[int, int] | None,
+                      box=None) -> dict[int, np.ndarray]:
     """Decode frames at the given 0-based indices; returns ``{i: uint8 [H, W, 3]}``.
 
     Decodes sequentially from the start and stops after the largest index, converting only the
@@ -130,8 +145,8 @@ def read_video_frames(path: str, indices: Iterable[int], size: tuple[int, int] |
                     break
                 continue
             img = frame.to_image()
-            if size is not None and (img.height, img.width) != tuple(size):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            if size is not None:
+                img = _resize(img, size, box)
             out[n] = np.asarray(img)
             if n >= wanted[-1]:
                 break

@@ -144,9 +144,12 @@ class VideoClipDataset(ClipDataset):
         aligned = "rgb" in self.modalities or os.path.isdir(self.frames_dir)
         return len(names) - 1 if aligned else len(names)
 
-    def _load(self, index: int, modality: str, frames: Sequence[int], size) -> dict[int, np.ndarray]:
+    # the decoder resamples only the crop of each resized frame (see ClipDataset._get)
+    crops_in_decoder = True
+
+    def _load(self, index: int, modality: str, frames: Sequence[int], size, box=None) -> dict[int, np.ndarray]:
         if self.layout == "video":
-            return read_video_frames(self.video_path(index), frames, size)
+            return read_video_frames(self.video_path(index), frames, size, box=box)
         names = self._frame_names(index)
         return read_frames(self.video_path(index, modality), names, frames, size, gray=modality != "rgb",
-                           draft=self.fast_jpeg)
+                           draft=self.fast_jpeg, box=box)
