@@ -12,7 +12,8 @@
 // One launch covers the B*C*T*H*W positions of rgb/residual and then the B*C*T_out*H*W of negative;
 // each thread writes one contiguous output position, so the writes coalesce for any input layout.
 // The negative is converted again from the (small, uint8) source frames rather than read back from
-// rgb. All arithmetic is float32 with the CPU kernel's expressions, rounded the same way.
+// rgb. Arithmetic is in the output's opmath type (float32, float64 for float64 outputs) with the CPU
+// kernel's expressions, unfused.
 #include <ATen/Dispatch.h>
 
 #include "common.h"
@@ -28,17 +29,20 @@ using cuda::sub_rn;
 constexpr int kMaxChannels = 16;
 
 // Per-channel normalisation, passed by value to the kernel.
+template <typename acc_t>
 struct Norm {
-  float mean[kMaxChannels];
-  float inv_std[kMaxChannels];
+  acc_t mean[kMaxChannels];
+  acc_t inv_std[kMaxChannels];
 };
 
 template <typename in_t, typename out_t, typename index_t>
 __global__ void iic_views_kernel(const in_t* __restrict__ x, const int64_t* __restrict__ time_index,
                                  out_t* __restrict__ rgb, out_t* __restrict__ res, out_t* __restrict__ neg,
                                  int64_t n_frames, int64_t n_total, index_t C, index_t T, index_t H, index_t W,
-                                 index_t To, index_t sb, index_t sc, index_t st, index_t sh, index_t sw, Norm norm,
-                                 bool normalise, float in_scale, float res_scale, float res_offset) {
+                                 index_t To, index_t sb, index_t sc, index_t st, index_t sh, index_t sw,
+                                 Norm<at::opmath_type<out_t>> norm, bool normalise, at::opmath_type<out_t> in_scale,
+                                 at::opmath_type<out_t> res_scale, at::opmath_type<out_t> res_offset) {
+  using acc_t = at::opmath_type<out_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n_total; j += step) {
     const bool is_neg = j >= n_frames;
@@ -53,17 +57,17 @@ __global__ void iic_views_kernel(const in_t* __restrict__ x, const int64_t* __re
     r /= Tn;
     const index_t c = r % C;
     const index_t b = r / C;
-    const float m = normalise ? norm.mean[c] : 0.f;
-    const float is = normalise ? norm.inv_std[c] : 1.f;
+    const acc_t m = normalise ? norm.mean[c] : acc_t(0);
+    const acc_t is = normalise ? norm.inv_std[c] : acc_t(1);
     const index_t base = b * sb + c * sc + h * sh + w * sw;
     if (is_neg) {
       const index_t ts = static_cast<index_t>(time_index[b * To + t]);
-      const float v = static_cast<float>(x[base + ts * st]);
+      const acc_t v = static_cast<acc_t>(x[base + ts * st]);
       neg[i] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(v, in_scale), m), is));
     } else {
       const index_t tp = t == 0 ? T - 1 : t - 1;
-      const float v = static_cast<float>(x[base + t * st]);
-      const float p = static_cast<float>(x[base + tp * st]);
+      const acc_t v = static_cast<acc_t>(x[base + t * st]);
+      const acc_t p = static_cast<acc_t>(x[base + tp * st]);
       rgb[i] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(v, in_scale), m), is));
       res[i] = static_cast<out_t>(add_rn(mul_rn(sub_rn(v, p), res_scale), res_offset));
     }
@@ -77,16 +81,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cuda(const at::Tensor& 
   check_clip(clip);
   check_time_index(clip, time_index);
   const int64_t C = clip.size(1);
-  Norm norm;
+  // in double here; each kernel rounds them to its accumulation type, as the CPU kernel does
+  double mean_v[kMaxChannels], inv_std_v[kMaxChannels];
   for (int c = 0; c < kMaxChannels; ++c) {
-    norm.mean[c] = 0.f;
-    norm.inv_std[c] = 1.f;
+    mean_v[c] = 0.0;
+    inv_std_v[c] = 1.0;
   }
   if (mean.has_value()) {
     TORCH_CHECK(static_cast<int64_t>(mean->size()) == C, "mean must have one value per channel (C = ", C, "), got ",
                 mean->size());
     TORCH_CHECK(C <= kMaxChannels, "mean and std support at most ", kMaxChannels, " channels on CUDA, got C = ", C);
-    for (int64_t c = 0; c < C; ++c) norm.mean[c] = static_cast<float>((*mean)[c]);
+    for (int64_t c = 0; c < C; ++c) mean_v[c] = (*mean)[c];
   }
   if (std.has_value()) {
     TORCH_CHECK(static_cast<int64_t>(std->size()) == C, "std must have one value per channel (C = ", C, "), got ",
@@ -94,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cuda(const at::Tensor& 
     TORCH_CHECK(C <= kMaxChannels, "mean and std support at most ", kMaxChannels, " channels on CUDA, got C = ", C);
     for (int64_t c = 0; c < C; ++c) {
       TORCH_CHECK((*std)[c] > 0, "std must be positive, got ", (*std)[c], " for channel ", c);
-      norm.inv_std[c] = static_cast<float>(1.0 / (*std)[c]);
+      inv_std_v[c] = 1.0 / (*std)[c];
     }
   }
   const bool normalise = mean.has_value() || std.has_value();
@@ -105,9 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cuda(const at::Tensor& 
   neg_sizes[2] = time_index.size(1);
   at::Tensor rgb = at::empty(clip.sizes(), opts), res = at::empty(clip.sizes(), opts), neg = at::empty(neg_sizes, opts);
   if (clip.numel() == 0) return {rgb, res, neg};
-  const float in_scale = clip.scalar_type() == at::kByte ? 1.f / 255.f : 1.f;
-  const float res_scale = scaled ? 0.5f * in_scale : in_scale;
-  const float res_offset = scaled ? 0.5f : 0.0f;
+  const double in_scale = clip.scalar_type() == at::kByte ? 1.0 / 255.0 : 1.0;
   const at::Tensor idx = time_index.contiguous();
   const int64_t n_frames = rgb.numel();
   const int64_t n_total = n_frames + neg.numel();
@@ -117,6 +120,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cuda(const at::Tensor& 
     using in_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "iic_views_cuda_out", [&] {
       using out_t = scalar_t;
+      using acc_t = at::opmath_type<out_t>;
+      Norm<acc_t> norm;
+      for (int c = 0; c < kMaxChannels; ++c) {
+        norm.mean[c] = static_cast<acc_t>(mean_v[c]);
+        norm.inv_std[c] = static_cast<acc_t>(inv_std_v[c]);
+      }
+      const acc_t sc = static_cast<acc_t>(in_scale);
+      const acc_t rs = scaled ? acc_t(0.5) * sc : sc;
+      const acc_t ro = scaled ? acc_t(0.5) : acc_t(0);
       auto launch = [&](auto index_tag) {
         using index_t = decltype(index_tag);
         auto I = [](int64_t v) { return static_cast<index_t>(v); };
@@ -124,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cuda(const at::Tensor& 
             clip.const_data_ptr<in_t>(), idx.const_data_ptr<int64_t>(), rgb.mutable_data_ptr<out_t>(),
             res.mutable_data_ptr<out_t>(), neg.mutable_data_ptr<out_t>(), n_frames, n_total, I(C), I(clip.size(2)),
             I(clip.size(3)), I(clip.size(4)), I(idx.size(1)), I(clip.stride(0)), I(clip.stride(1)), I(clip.stride(2)),
-            I(clip.stride(3)), I(clip.stride(4)), norm, normalise, in_scale, res_scale, res_offset);
+            I(clip.stride(3)), I(clip.stride(4)), norm, normalise, sc, rs, ro);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (small) {
