@@ -1,0 +1,500 @@
+// NCE memory-bank scores and the bank update on CUDA.
+//
+// bank_scores: scores[b, k] = <bank[idx[b, k]], feat[b]>.
+//   Args: feat [B, D], bank [N, D] (float16/bfloat16/float32/float64 each, any strides), idx [B, K] int64
+//   in [0, N). Returns [B, K] in feat's dtype; accumulated in float32 (float64 when feat or bank is).
+// _bank_scores_backward: grad_feat[b] = sum_k grad[b, k] * bank[idx[b, k]]. Returns [B, D] in `dtype`.
+// iic_scores: out_l = [bank_ab[idx] | bank_neg[idx]] . l * inv_t, out_ab = [bank_l[idx] | bank_neg[idx]] . ab
+//   * inv_t, each [B, 2 (K+1)] ([B, K+1] without bank_neg), in l's dtype; idx [B, K+1].
+// _iic_scores_backward: (grad l [B, D], grad ab [B, D]) in `dtype`.
+// bank_update_: bank[y] = normalize(m * bank[y] + (1 - m) * feat[b]) for y = idx[b] (idx [B]), in place.
+//   Every update reads the row as it was before the call; with a repeated y the last occurrence wins.
+//
+// Scores: one warp per (b, k); its lanes stride over D and a shuffle tree adds them, so the sampled
+// rows are read once, coalesced, and never materialised (IIC reads each bank_neg row once for both
+// views). Backward: one block per (b, 32 columns of D); its 8 warps each sum a fixed chunk of k and
+// the chunks are added in order: no atomics, the result depends only on the shapes. Update: one warp
+// per b; it skips b when a later b' draws the same row, so each row has exactly one writer, which reads
+// the row before writing it.
+#include <ATen/Dispatch.h>
+
+#include <type_traits>
+
+#include "common.h"
+#include "utils.cuh"
+
+namespace iic_ext {
+namespace {
+
+using cuda::add_rn;
+using cuda::mul_rn;
+
+constexpr int kWarp = 32;
+constexpr int kChunks = 8;  // warps of a backward block, each summing one chunk of k
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// A bank as the kernels see it: base pointer and strides (elements).
+template <typename bank_t>
+struct Rows {
+  const bank_t* p;
+  int64_t s0, s1;
+  __device__ __forceinline__ const bank_t* row(int64_t r) const { return p + r * s0; }
+};
+
+template <typename bank_t>
+Rows<bank_t> rows_of(const at::Tensor& bank) {
+  return {bank.const_data_ptr<bank_t>(), bank.stride(0), bank.stride(1)};
+}
+
+// <row, f> over D, one warp; every lane returns the total.
+template <typename bank_t, typename acc_t>
+__device__ __forceinline__ acc_t warp_dot(const bank_t* row, int64_t s1, const acc_t* f, int64_t D, int lane) {
+  acc_t s = 0;
+  for (int64_t d = lane; d < D; d += kWarp) s += static_cast<acc_t>(row[d * s1]) * f[d];
+  return warp_sum(s);
+}
+
+// scores [B, K] (acc_t) from feat [B, D] (acc_t, contiguous).
+template <typename bank_t, typename acc_t>
+__global__ void bank_scores_kernel(const acc_t* __restrict__ feat, Rows<bank_t> bank,
+                                   const int64_t* __restrict__ idx, acc_t* __restrict__ out, int64_t P, int64_t K,
+                                   int64_t D) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
+  for (int64_t p = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp; p < P; p += warps) {
+    const int64_t b = p / K;
+    const acc_t s = warp_dot(bank.row(idx[p]), bank.s1, feat + b * D, D, lane);
+    if (lane == 0) out[p] = s;
+  }
+}
+
+// out_l, out_ab [B, C] (acc_t), C = 2 K1 with bank_neg (bank_neg.p != nullptr), else K1.
+template <typename bank_t, typename acc_t>
+__global__ void iic_scores_kernel(const acc_t* __restrict__ l, const acc_t* __restrict__ ab, Rows<bank_t> bank_l,
+                                  Rows<bank_t> bank_ab, Rows<bank_t> bank_neg, const int64_t* __restrict__ idx,
+                                  acc_t* __restrict__ out_l, acc_t* __restrict__ out_ab, int64_t P, int64_t K1,
+                                  int64_t C, int64_t D, acc_t scale) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
+  const bool neg = bank_neg.p != nullptr;
+  for (int64_t p = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp; p < P; p += warps) {
+    const int64_t b = p / K1, k = p - b * K1;
+    const int64_t r = idx[p];
+    const acc_t* fl = l + b * D;
+    const acc_t* fab = ab + b * D;
+    const bank_t* rab = bank_ab.row(r);
+    const bank_t* rl = bank_l.row(r);
+    acc_t s_l = 0, s_ab = 0, n_l = 0, n_ab = 0;
+    if (neg) {
+      const bank_t* rn = bank_neg.row(r);
+      for (int64_t d = lane; d < D; d += kWarp) {
+        const acc_t vl = fl[d], vab = fab[d];
+        const acc_t vn = static_cast<acc_t>(rn[d * bank_neg.s1]);
+        s_l += static_cast<acc_t>(rab[d * bank_ab.s1]) * vl;
+        s_ab += static_cast<acc_t>(rl[d * bank_l.s1]) * vab;
+        n_l += vn * vl;
+        n_ab += vn * vab;
+      }
+    } else {
+      for (int64_t d = lane; d < D; d += kWarp) {
+        s_l += static_cast<acc_t>(rab[d * bank_ab.s1]) * fl[d];
+        s_ab += static_cast<acc_t>(rl[d * bank_l.s1]) * fab[d];
+      }
+    }
+    s_l = warp_sum(s_l);
+    s_ab = warp_sum(s_ab);
+    if (neg) {
+      n_l = warp_sum(n_l);
+      n_ab = warp_sum(n_ab);
+    }
+    if (lane == 0) {
+      out_l[b * C + k] = s_l * scale;
+      out_ab[b * C + k] = s_ab * scale;
+      if (neg) {
+        out_l[b * C + K1 + k] = n_l * scale;
+        out_ab[b * C + K1 + k] = n_ab * scale;
+      }
+    }
+  }
+}
+
+// Chunk y of [0, K) for the backward blocks.
+__device__ __forceinline__ void chunk(int64_t K, int y, int64_t& k0, int64_t& k1) {
+  const int64_t per = (K + kChunks - 1) / kChunks;
+  k0 = y * per < K ? y * per : K;
+  k1 = k0 + per < K ? k0 + per : K;
+}
+
+// grad_feat [B, D] (acc_t) = sum_k grad[b, k] * bank[idx[b, k]]; block (32, kChunks) per (b, d-tile).
+template <typename bank_t, typename acc_t>
+__global__ void bank_scores_backward_kernel(const acc_t* __restrict__ grad, Rows<bank_t> bank,
+                                            const int64_t* __restrict__ idx, acc_t* __restrict__ out, int64_t B,
+                                            int64_t K, int64_t D) {
+  __shared__ acc_t part[kChunks][kWarp];
+  const int x = threadIdx.x, y = threadIdx.y;
+  const int64_t tiles = (D + kWarp - 1) / kWarp;
+  int64_t k0, k1;
+  chunk(K, y, k0, k1);
+  for (int64_t tile = blockIdx.x; tile < B * tiles; tile += gridDim.x) {
+    const int64_t b = tile / tiles;
+    const int64_t d = (tile - b * tiles) * kWarp + x;
+    acc_t s = 0;
+    if (d < D) {
+      const acc_t* g = grad + b * K;
+      const int64_t* ix = idx + b * K;
+      for (int64_t k = k0; k < k1; ++k) s += g[k] * static_cast<acc_t>(bank.row(ix[k])[d * bank.s1]);
+    }
+    part[y][x] = s;
+    __syncthreads();
+    if (y == 0 && d < D) {
+      acc_t t = part[0][x];
+#pragma unroll
+      for (int c = 1; c < kChunks; ++c) t += part[c][x];
+      out[b * D + d] = t;
+    }
+    __syncthreads();
+  }
+}
+
+// grad_l, grad_ab [B, D] (acc_t) of the IIC scores; same blocks as bank_scores_backward_kernel.
+template <typename bank_t, typename acc_t>
+__global__ void iic_scores_backward_kernel(const acc_t* __restrict__ gl, const acc_t* __restrict__ gab,
+                                           Rows<bank_t> bank_l, Rows<bank_t> bank_ab, Rows<bank_t> bank_neg,
+                                           const int64_t* __restrict__ idx, acc_t* __restrict__ out_l,
+                                           acc_t* __restrict__ out_ab, int64_t B, int64_t K1, int64_t C, int64_t D,
+                                           acc_t scale) {
+  __shared__ acc_t part_l[kChunks][kWarp];
+  __shared__ acc_t part_ab[kChunks][kWarp];
+  const int x = threadIdx.x, y = threadIdx.y;
+  const bool neg = bank_neg.p != nullptr;
+  const int64_t tiles = (D + kWarp - 1) / kWarp;
+  int64_t k0, k1;
+  chunk(K1, y, k0, k1);
+  for (int64_t tile = blockIdx.x; tile < B * tiles; tile += gridDim.x) {
+    const int64_t b = tile / tiles;
+    const int64_t d = (tile - b * tiles) * kWarp + x;
+    acc_t sl = 0, sab = 0;
+    if (d < D) {
+      const acc_t* g_l = gl + b * C;
+      const acc_t* g_ab = gab + b * C;
+      const int64_t* ix = idx + b * K1;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t r = ix[k];
+        sl += (g_l[k] * scale) * static_cast<acc_t>(bank_ab.row(r)[d * bank_ab.s1]);
+        sab += (g_ab[k] * scale) * static_cast<acc_t>(bank_l.row(r)[d * bank_l.s1]);
+        if (neg) {
+          const acc_t vn = static_cast<acc_t>(bank_neg.row(r)[d * bank_neg.s1]);
+          sl += (g_l[K1 + k] * scale) * vn;
+          sab += (g_ab[K1 + k] * scale) * vn;
+        }
+      }
+    }
+    part_l[y][x] = sl;
+    part_ab[y][x] = sab;
+    __syncthreads();
+    if (y == 0 && d < D) {
+      acc_t tl = part_l[0][x], tab = part_ab[0][x];
+#pragma unroll
+      for (int c = 1; c < kChunks; ++c) {
+        tl += part_l[c][x];
+        tab += part_ab[c][x];
+      }
+      out_l[b * D + d] = tl;
+      out_ab[b * D + d] = tab;
+    }
+    __syncthreads();
+  }
+}
+
+// One warp per b: bank[idx[b]] = normalize(m * bank[idx[b]] + (1 - m) * feat[b]) unless a later b' has
+// the same row. The mixed row is computed twice (norm, then write) with unfused arithmetic, so both
+// passes see identical values.
+template <typename bank_t, typename acc_t>
+__global__ void bank_update_kernel(bank_t* __restrict__ bank, int64_t s0, int64_t s1, const int64_t* __restrict__ idx,
+                                   const acc_t* __restrict__ feat, int64_t B, int64_t D, acc_t m) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
+  const acc_t one_m = 1 - m;
+  for (int64_t b = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp; b < B; b += warps) {
+    const int64_t y = idx[b];
+    bool later = false;
+    for (int64_t j = b + 1 + lane; j < B; j += kWarp) later = later || idx[j] == y;
+    if (__any_sync(0xffffffffu, later)) continue;  // warp-uniform
+    bank_t* row = bank + y * s0;
+    const acc_t* f = feat + b * D;
+    acc_t ss = 0;
+    for (int64_t d = lane; d < D; d += kWarp) {
+      const acc_t v = add_rn(mul_rn(m, static_cast<acc_t>(row[d * s1])), mul_rn(one_m, f[d]));
+      ss += v * v;
+    }
+    const acc_t norm = sqrt(warp_sum(ss));  // no epsilon, as the CPU kernel: a zero row gives NaN
+    for (int64_t d = lane; d < D; d += kWarp) {
+      const acc_t v = add_rn(mul_rn(m, static_cast<acc_t>(row[d * s1])), mul_rn(one_m, f[d]));
+      row[d * s1] = static_cast<bank_t>(v / norm);
+    }
+  }
+}
+
+// ---- argument checks (the CPU kernels' messages) ----------------------------------------------------
+
+void check_matrix(const at::Tensor& x, const char* name, const char* shape) {
+  TORCH_CHECK(x.dim() == 2, name, " must be ", shape, ", got shape ", x.sizes());
+  check_float_dtype(x.scalar_type(), name);
+}
+
+void check_bank(const at::Tensor& bank, const char* name, int64_t D, const char* feat_name) {
+  check_matrix(bank, name, "[N, D]");
+  TORCH_CHECK(bank.size(1) == D, name, " rows have D = ", bank.size(1), " but ", feat_name, " has D = ", D);
+}
+
+void check_idx2(const at::Tensor& idx, int64_t B, int64_t N, const char* bank_name) {
+  TORCH_CHECK(idx.dim() == 2, "idx must be [B, K], got shape ", idx.sizes());
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
+  TORCH_CHECK(idx.size(0) == B, "idx must have one row per feature: B = ", B, ", idx has ", idx.size(0), " rows");
+  check_index(idx, N, "idx", bank_name);
+}
+
+at::ScalarType acc_type_of(at::ScalarType feat, at::ScalarType bank) {
+  return (feat == at::kDouble || bank == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+// Dispatch on the bank dtype and the accumulation type (float32, or float64 when anything is float64).
+template <typename F>
+void dispatch_bank(at::ScalarType bank, at::ScalarType acc, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank, "nce_bank_cuda", [&] {
+    using bank_t = scalar_t;
+    if (acc == at::kDouble) {
+      f(bank_t{}, double{});
+    } else {
+      if constexpr (!std::is_same_v<bank_t, double>) f(bank_t{}, float{});
+    }
+  });
+}
+
+unsigned int warp_blocks(int64_t warps) { return cuda::blocks_for(warps * kWarp); }
+
+unsigned int tile_blocks(int64_t B, int64_t D) {
+  const int64_t tiles = B * cuda::ceil_div(D, kWarp);
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(tiles, int64_t{1} << 20)));
+}
+
+const dim3 kTileBlock(kWarp, kChunks);
+
+// ---- ops -------------------------------------------------------------------------------------------
+
+at::Tensor bank_scores_cuda(const at::Tensor& feat, const at::Tensor& bank, const at::Tensor& idx) {
+  check_matrix(feat, "feat", "[B, D]");
+  check_same_device(feat, "feat", bank, "bank");
+  check_same_device(feat, "feat", idx, "idx");
+  check_bank(bank, "bank", feat.size(1), "feat");
+  check_idx2(idx, feat.size(0), bank.size(0), "rows of bank");
+  c10::cuda::CUDAGuard device_guard(feat.device());
+  const int64_t B = feat.size(0), K = idx.size(1), D = feat.size(1);
+  const auto acc = acc_type_of(feat.scalar_type(), bank.scalar_type());
+  at::Tensor out = at::empty({B, K}, feat.options().dtype(acc));
+  if (out.numel() == 0) return out.to(feat.scalar_type());
+  if (D == 0) return out.zero_().to(feat.scalar_type());
+  const at::Tensor f = feat.to(acc).contiguous(), ix = idx.contiguous();
+  const cudaStream_t stream = cuda::current_stream();
+  dispatch_bank(bank.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+    using bank_t = decltype(bank_v);
+    using acc_t = decltype(acc_v);
+    const int64_t P = B * K;
+    bank_scores_kernel<bank_t, acc_t><<<warp_blocks(P), cuda::kThreads, 0, stream>>>(
+        f.const_data_ptr<acc_t>(), rows_of<bank_t>(bank), ix.const_data_ptr<int64_t>(), out.mutable_data_ptr<acc_t>(),
+        P, K, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out.to(feat.scalar_type());
+}
+
+at::Tensor bank_scores_backward_cuda(const at::Tensor& grad, const at::Tensor& bank, const at::Tensor& idx,
+                                     at::ScalarType dtype) {
+  check_matrix(grad, "grad", "[B, K]");
+  check_float_dtype(dtype, "dtype");
+  check_same_device(grad, "grad", bank, "bank");
+  check_same_device(grad, "grad", idx, "idx");
+  check_matrix(bank, "bank", "[N, D]");
+  check_idx2(idx, grad.size(0), bank.size(0), "rows of bank");
+  TORCH_CHECK(grad.size(1) == idx.size(1), "grad must be [B, K] like idx ", idx.sizes(), ", got ", grad.sizes());
+  c10::cuda::CUDAGuard device_guard(grad.device());
+  const int64_t B = grad.size(0), K = idx.size(1), D = bank.size(1);
+  const auto acc = acc_type_of(dtype, bank.scalar_type());
+  at::Tensor out = at::empty({B, D}, grad.options().dtype(acc));
+  if (out.numel() > 0) {
+    const at::Tensor g = grad.to(acc).contiguous(), ix = idx.contiguous();
+    const cudaStream_t stream = cuda::current_stream();
+    dispatch_bank(bank.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+      using bank_t = decltype(bank_v);
+      using acc_t = decltype(acc_v);
+      bank_scores_backward_kernel<bank_t, acc_t><<<tile_blocks(B, D), kTileBlock, 0, stream>>>(
+          g.const_data_ptr<acc_t>(), rows_of<bank_t>(bank), ix.const_data_ptr<int64_t>(),
+          out.mutable_data_ptr<acc_t>(), B, K, D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return out.to(dtype);
+}
+
+struct IicArgs {
+  int64_t B, K1, D, N;
+  bool neg;
+};
+
+IicArgs check_iic(const at::Tensor& l, const at::Tensor& ab, const at::Tensor& bank_l, const at::Tensor& bank_ab,
+                  const std::optional<at::Tensor>& bank_neg, const at::Tensor& idx) {
+  check_matrix(l, "l", "[B, D]");
+  check_matrix(ab, "ab", "[B, D]");
+  TORCH_CHECK(l.sizes() == ab.sizes(), "l and ab must have the same shape, got ", l.sizes(), " and ", ab.sizes());
+  TORCH_CHECK(l.scalar_type() == ab.scalar_type(), "l and ab must have the same dtype, got ", l.scalar_type(),
+              " and ", ab.scalar_type());
+  const int64_t D = l.size(1);
+  check_same_device(l, "l", ab, "ab");
+  check_same_device(l, "l", bank_l, "bank_l");
+  check_same_device(l, "l", bank_ab, "bank_ab");
+  check_same_device(l, "l", idx, "idx");
+  check_bank(bank_l, "bank_l", D, "l");
+  check_bank(bank_ab, "bank_ab", D, "l");
+  TORCH_CHECK(bank_l.sizes() == bank_ab.sizes(), "bank_l and bank_ab must have the same shape, got ", bank_l.sizes(),
+              " and ", bank_ab.sizes());
+  TORCH_CHECK(bank_l.scalar_type() == bank_ab.scalar_type(), "bank_l and bank_ab must have the same dtype, got ",
+              bank_l.scalar_type(), " and ", bank_ab.scalar_type());
+  if (bank_neg.has_value()) {
+    check_same_device(l, "l", *bank_neg, "bank_neg");
+    check_bank(*bank_neg, "bank_neg", D, "l");
+    TORCH_CHECK(bank_neg->sizes() == bank_l.sizes(), "bank_neg must have bank_l's shape ", bank_l.sizes(), ", got ",
+                bank_neg->sizes());
+    TORCH_CHECK(bank_neg->scalar_type() == bank_l.scalar_type(), "bank_neg must have bank_l's dtype ",
+                bank_l.scalar_type(), ", got ", bank_neg->scalar_type());
+  }
+  check_idx2(idx, l.size(0), bank_l.size(0), "rows of the banks");
+  return {l.size(0), idx.size(1), D, bank_l.size(0), bank_neg.has_value()};
+}
+
+template <typename bank_t>
+Rows<bank_t> neg_rows(const std::optional<at::Tensor>& bank_neg) {
+  return bank_neg.has_value() ? rows_of<bank_t>(*bank_neg) : Rows<bank_t>{nullptr, 0, 0};
+}
+
+std::tuple<at::Tensor, at::Tensor> iic_scores_cuda(const at::Tensor& l, const at::Tensor& ab,
+                                                   const at::Tensor& bank_l, const at::Tensor& bank_ab,
+                                                   const std::optional<at::Tensor>& bank_neg, const at::Tensor& idx,
+                                                   double inv_t) {
+  const IicArgs a = check_iic(l, ab, bank_l, bank_ab, bank_neg, idx);
+  c10::cuda::CUDAGuard device_guard(l.device());
+  const int64_t C = a.neg ? 2 * a.K1 : a.K1;
+  const auto acc = acc_type_of(l.scalar_type(), bank_l.scalar_type());
+  at::Tensor out_l = at::empty({a.B, C}, l.options().dtype(acc));
+  at::Tensor out_ab = at::empty({a.B, C}, l.options().dtype(acc));
+  if (out_l.numel() > 0 && a.D == 0) {
+    out_l.zero_();
+    out_ab.zero_();
+  } else if (out_l.numel() > 0) {
+    const at::Tensor fl = l.to(acc).contiguous(), fab = ab.to(acc).contiguous(), ix = idx.contiguous();
+    const cudaStream_t stream = cuda::current_stream();
+    dispatch_bank(bank_l.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+      using bank_t = decltype(bank_v);
+      using acc_t = decltype(acc_v);
+      const int64_t P = a.B * a.K1;
+      iic_scores_kernel<bank_t, acc_t><<<warp_blocks(P), cuda::kThreads, 0, stream>>>(
+          fl.const_data_ptr<acc_t>(), fab.const_data_ptr<acc_t>(), rows_of<bank_t>(bank_l), rows_of<bank_t>(bank_ab),
+          neg_rows<bank_t>(bank_neg), ix.const_data_ptr<int64_t>(), out_l.mutable_data_ptr<acc_t>(),
+          out_ab.mutable_data_ptr<acc_t>(), P, a.K1, C, a.D, static_cast<acc_t>(inv_t));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {out_l.to(l.scalar_type()), out_ab.to(l.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> iic_scores_backward_cuda(const at::Tensor& grad_l, const at::Tensor& grad_ab,
+                                                            const at::Tensor& bank_l, const at::Tensor& bank_ab,
+                                                            const std::optional<at::Tensor>& bank_neg,
+                                                            const at::Tensor& idx, double inv_t,
+                                                            at::ScalarType dtype) {
+  check_float_dtype(dtype, "dtype");
+  check_matrix(grad_l, "grad_l", "[B, C]");
+  check_matrix(grad_ab, "grad_ab", "[B, C]");
+  TORCH_CHECK(grad_l.sizes() == grad_ab.sizes(), "grad_l and grad_ab must have the same shape, got ",
+              grad_l.sizes(), " and ", grad_ab.sizes());
+  check_same_device(grad_l, "grad_l", grad_ab, "grad_ab");
+  check_same_device(grad_l, "grad_l", bank_l, "bank_l");
+  check_same_device(grad_l, "grad_l", bank_ab, "bank_ab");
+  check_same_device(grad_l, "grad_l", idx, "idx");
+  check_matrix(bank_l, "bank_l", "[N, D]");
+  check_bank(bank_ab, "bank_ab", bank_l.size(1), "bank_l");
+  TORCH_CHECK(bank_l.sizes() == bank_ab.sizes() && bank_l.scalar_type() == bank_ab.scalar_type(),
+              "bank_l and bank_ab must have the same shape and dtype");
+  if (bank_neg.has_value()) {
+    check_same_device(grad_l, "grad_l", *bank_neg, "bank_neg");
+    TORCH_CHECK(bank_neg->sizes() == bank_l.sizes() && bank_neg->scalar_type() == bank_l.scalar_type(),
+                "bank_neg must have bank_l's shape and dtype");
+  }
+  check_idx2(idx, grad_l.size(0), bank_l.size(0), "rows of the banks");
+  const int64_t B = grad_l.size(0), K1 = idx.size(1), D = bank_l.size(1);
+  const int64_t C = bank_neg.has_value() ? 2 * K1 : K1;
+  TORCH_CHECK(grad_l.size(1) == C, "grad_l must be [B, ", C, "] for idx ", idx.sizes(),
+              bank_neg.has_value() ? " with bank_neg" : " without bank_neg", ", got ", grad_l.sizes());
+  c10::cuda::CUDAGuard device_guard(grad_l.device());
+  const auto acc = acc_type_of(dtype, bank_l.scalar_type());
+  at::Tensor out_l = at::empty({B, D}, grad_l.options().dtype(acc));
+  at::Tensor out_ab = at::empty({B, D}, grad_l.options().dtype(acc));
+  if (out_l.numel() > 0) {
+    const at::Tensor gl = grad_l.to(acc).contiguous(), gab = grad_ab.to(acc).contiguous(), ix = idx.contiguous();
+    const cudaStream_t stream = cuda::current_stream();
+    dispatch_bank(bank_l.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+      using bank_t = decltype(bank_v);
+      using acc_t = decltype(acc_v);
+      iic_scores_backward_kernel<bank_t, acc_t><<<tile_blocks(B, D), kTileBlock, 0, stream>>>(
+          gl.const_data_ptr<acc_t>(), gab.const_data_ptr<acc_t>(), rows_of<bank_t>(bank_l), rows_of<bank_t>(bank_ab),
+          neg_rows<bank_t>(bank_neg), ix.const_data_ptr<int64_t>(), out_l.mutable_data_ptr<acc_t>(),
+          out_ab.mutable_data_ptr<acc_t>(), B, K1, C, D, static_cast<acc_t>(inv_t));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {out_l.to(dtype), out_ab.to(dtype)};
+}
+
+void bank_update_cuda(const at::Tensor& bank, const at::Tensor& idx, const at::Tensor& feat, double momentum) {
+  check_matrix(bank, "bank", "[N, D]");
+  check_matrix(feat, "feat", "[B, D]");
+  check_same_device(bank, "bank", feat, "feat");
+  check_same_device(bank, "bank", idx, "idx");
+  TORCH_CHECK(feat.size(1) == bank.size(1), "feat has D = ", feat.size(1), " but bank rows have D = ", bank.size(1));
+  TORCH_CHECK(idx.dim() == 1, "idx must be [B], got shape ", idx.sizes());
+  TORCH_CHECK(idx.size(0) == feat.size(0), "idx must have one entry per row of feat: feat has B = ", feat.size(0),
+              ", idx has ", idx.size(0));
+  check_index(idx, bank.size(0), "idx", "rows of bank");
+  const int64_t B = feat.size(0), D = bank.size(1);
+  if (B == 0 || D == 0) return;
+  c10::cuda::CUDAGuard device_guard(bank.device());
+  const at::Tensor ix = idx.contiguous();
+  const auto acc = acc_type_of(feat.scalar_type(), bank.scalar_type());
+  const at::Tensor f = feat.detach().to(acc).contiguous();
+  const cudaStream_t stream = cuda::current_stream();
+  dispatch_bank(bank.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+    using bank_t = decltype(bank_v);
+    using acc_t = decltype(acc_v);
+    bank_update_kernel<bank_t, acc_t><<<warp_blocks(B), cuda::kThreads, 0, stream>>>(
+        bank.mutable_data_ptr<bank_t>(), bank.stride(0), bank.stride(1), ix.const_data_ptr<int64_t>(),
+        f.const_data_ptr<acc_t>(), B, D, static_cast<acc_t>(momentum));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(iic_ext, CUDA, m) {
+  m.impl("bank_scores", &bank_scores_cuda);
+  m.impl("_bank_scores_backward", &bank_scores_backward_cuda);
+  m.impl("iic_scores", &iic_scores_cuda);
+  m.impl("_iic_scores_backward", &iic_scores_backward_cuda);
+  m.impl("bank_update_", &bank_update_cuda);
+}
+
+}  // namespace iic_ext
