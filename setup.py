@@ -38,6 +38,34 @@ def _find_nvcc():
     return default if default.exists() else None
 
 
+def _find_nvrtc(cuda_home):
+    """libnvrtc for torch's CMake config, which links it: None when the toolkit has it, else the copy
+    the torch wheel ships (minimal toolkits lack it)."""
+    for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+        if (cuda_home / sub / "libnvrtc.so").exists():
+            return None
+    wheel_libs = Path(torch.__file__).resolve().parent.parent / "nvidia"
+    hits = sorted(p for p in wheel_libs.glob("**/libnvrtc.so*") if "builtins" not in p.name and ".alt." not in p.name)
+    return hits[0] if hits else None
+
+
+def _cmake():
+    """This environment's cmake (pip's, next to the interpreter) before the one on PATH: an old system
+    CMake lacks nvcc's C++20 flags."""
+    return shutil.which("cmake", path=str(Path(sys.executable).parent)) or "cmake"
+
+
+def _toolkit_root(nvcc):
+    """The CUDA toolkit holding ``nvcc``: CUDA_HOME if set, else the first candidate with both nvcc and
+    the runtime headers (an nvcc on PATH may be a wrapper script outside the toolkit)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), nvcc.resolve().parent.parent,
+                  "/usr/local/cuda"]
+    for cand in candidates:
+        if cand and (Path(cand) / "bin" / "nvcc").exists() and (Path(cand) / "include" / "cuda_runtime.h").exists():
+            return Path(cand).resolve()
+    return nvcc.resolve().parent.parent
+
+
 def _want_cuda():
     flag = os.environ.get("IIC_EXT_CUDA")
     nvcc = _find_nvcc()
@@ -79,19 +107,26 @@ class CMakeBuild(build_ext):
         if shutil.which("ninja"):
             args.append("-GNinja")
         if cuda:
-            cuda_home = nvcc.parent.parent
+            cuda_home = _toolkit_root(nvcc)
+            nvcc = cuda_home / "bin" / "nvcc"
             archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
             cmake_archs = ";".join(a.replace(".", "").replace("+PTX", "") for a in archs.replace(" ", ";").split(";") if a)
             args += [
                 f"-DCMAKE_CUDA_COMPILER={nvcc}",
                 f"-DCUDAToolkit_ROOT={cuda_home}",
+                # torch's CMake config also runs the legacy FindCUDA, which would otherwise guess the
+                # root from the nvcc on PATH
+                f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
                 f"-DCMAKE_CUDA_ARCHITECTURES={cmake_archs}",
             ]
+            nvrtc = _find_nvrtc(cuda_home)
+            if nvrtc is not None:
+                args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
             os.environ.setdefault("CUDA_HOME", str(cuda_home))
             os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         print(f"iic_ext: building {'CPU + CUDA' if cuda else 'CPU'} kernels against torch {torch.__version__}")
-        subprocess.check_call(["cmake", *args])
-        build = ["cmake", "--build", str(build_dir), "--config", cfg]
+        subprocess.check_call([_cmake(), *args])
+        build = [_cmake(), "--build", str(build_dir), "--config", cfg]
         jobs = os.environ.get("MAX_JOBS")
         if jobs:
             build += ["--parallel", jobs]
