@@ -21,8 +21,8 @@ DEFAULT_SSL_CHECKPOINT = os.path.join("runs", "r3d_res_repeat_synthetic", "last.
 ORIGINAL_EVAL = dict(model="r3d", clip_len=16, resize=[128, 171], crop_size=112, clips_per_video=10,
                      workers=4, num_videos=None, num_test_videos=None)
 # The synthetic demo: clip size of the training demo preset (8 frames, 32x32 crops of 40x40 frames)
-# and fewer clips per video, so that evaluation takes about a minute on two CPU cores.
-SYNTHETIC_EVAL = dict(model="r3d", clip_len=8, resize=[40, 40], crop_size=32, clips_per_video=4,
+# with the original 10 clips per video.
+SYNTHETIC_EVAL = dict(model="r3d", clip_len=8, resize=[40, 40], crop_size=32, clips_per_video=10,
                       workers=0, num_videos=120, num_test_videos=60)
 # The synthetic training set is generated from the training seed; the demo trains with 632.
 SYNTHETIC_DATA_SEED = 632
