@@ -4,6 +4,7 @@ The pure-PyTorch twin of every op is in :mod:`iic_ext.ops.reference`.
 """
 from . import indices, reference
 from ._library import HAS_C
+from .nce import bank_scores, bank_update_, iic_scores
 from .indices import permute_index, repeat_index, reverse_index, shuffle_index, swap_index
 from .views import iic_views, repeat_negative, residual_frames, shuffle_negative, temporal_gather
 
@@ -21,4 +22,7 @@ __all__ = [
     "swap_index",
     "permute_index",
     "reverse_index",
+    "bank_scores",
+    "iic_scores",
+    "bank_update_",
 ]

@@ -108,3 +108,114 @@ def iic_views(
     if std is not None:
         rgb = rgb / torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1, 1)
     return rgb.contiguous(), res.contiguous(), temporal_gather(rgb, time_index).contiguous()
+
+
+# ---- memory bank (NCE) ----------------------------------------------------------------------------
+# The original way: gather the sampled rows with ``index_select``, ``cat`` the negative bank's rows,
+# ``bmm`` with the features; the update is ``index_select``, mul, add, normalise, ``index_copy_``.
+# Mixed precision (half features, float32 bank) computes in the promoted dtype and returns the
+# feature dtype. ``*_dense`` forms (one GEMM against the whole bank, then a gather) are the second
+# benchmark baseline.
+
+
+def _compute_dtype(feat: torch.Tensor, bank: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(feat.dtype, bank.dtype)
+
+
+def _sampled_rows(bank: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``bank[idx]`` as ``[B, K, D]`` via ``index_select`` (no gradient to the bank, as the original)."""
+    B, K = idx.shape
+    return torch.index_select(bank, 0, idx.reshape(-1)).detach().view(B, K, bank.shape[1]).to(dtype)
+
+
+def bank_scores(feat: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``scores[b, k] = <bank[idx[b, k]], feat[b]>``.
+
+    Args:
+        feat (Tensor[B, D]); bank (Tensor[N, D]); idx (Tensor[B, K], int64).
+    Returns:
+        Tensor[B, K] in feat's dtype.
+    """
+    B, K = idx.shape
+    dt = _compute_dtype(feat, bank)
+    weight = _sampled_rows(bank, idx, dt)
+    return torch.bmm(weight, feat.to(dt).view(B, -1, 1)).view(B, K).to(feat.dtype)
+
+
+def bank_scores_dense(feat: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """:func:`bank_scores` as one GEMM against the whole bank ``[B, N]`` followed by a gather."""
+    dt = _compute_dtype(feat, bank)
+    return torch.gather(feat.to(dt) @ bank.detach().to(dt).t(), 1, idx).to(feat.dtype)
+
+
+def iic_scores(
+    l: torch.Tensor,
+    ab: torch.Tensor,
+    bank_l: torch.Tensor,
+    bank_ab: torch.Tensor,
+    bank_neg: Optional[torch.Tensor],
+    idx: torch.Tensor,
+    inv_t: float = 1.0,
+):
+    """The IIC logits as the original computes them (``lib/NCEAverage.py``).
+
+    ``out_l = [bank_ab[idx] | bank_neg[idx]] . l * inv_t``, ``out_ab = [bank_l[idx] | bank_neg[idx]] . ab * inv_t``.
+
+    Args:
+        l, ab (Tensor[B, D]); bank_l, bank_ab, bank_neg (Tensor[N, D]; bank_neg may be None: the CMC
+        form); idx (Tensor[B, K+1], int64).
+    Returns:
+        (out_l, out_ab): Tensor[B, 2(K+1)] each ([B, K+1] without bank_neg), in l's dtype.
+    """
+    B = idx.shape[0]
+    dt = _compute_dtype(l, bank_l)
+    weight_l = _sampled_rows(bank_l, idx, dt)
+    weight_ab = _sampled_rows(bank_ab, idx, dt)
+    if bank_neg is not None:
+        weight_neg = _sampled_rows(bank_neg, idx, dt)
+        weight_l = torch.cat((weight_l, weight_neg), 1)
+        weight_ab = torch.cat((weight_ab, weight_neg), 1)
+    out_ab = torch.bmm(weight_l, ab.to(dt).view(B, -1, 1)).view(B, -1) * inv_t
+    out_l = torch.bmm(weight_ab, l.to(dt).view(B, -1, 1)).view(B, -1) * inv_t
+    return out_l.to(l.dtype), out_ab.to(ab.dtype)
+
+
+def iic_scores_dense(
+    l: torch.Tensor,
+    ab: torch.Tensor,
+    bank_l: torch.Tensor,
+    bank_ab: torch.Tensor,
+    bank_neg: Optional[torch.Tensor],
+    idx: torch.Tensor,
+    inv_t: float = 1.0,
+):
+    """:func:`iic_scores` as GEMMs against the whole banks (``[B, N]`` each) followed by gathers."""
+    dt = _compute_dtype(l, bank_l)
+    lf, abf = l.to(dt), ab.to(dt)
+    out_l = torch.gather(lf @ bank_ab.detach().to(dt).t(), 1, idx)
+    out_ab = torch.gather(abf @ bank_l.detach().to(dt).t(), 1, idx)
+    if bank_neg is not None:
+        neg = bank_neg.detach().to(dt).t()
+        out_l = torch.cat((out_l, torch.gather(lf @ neg, 1, idx)), 1)
+        out_ab = torch.cat((out_ab, torch.gather(abf @ neg, 1, idx)), 1)
+    return (out_l * inv_t).to(l.dtype), (out_ab * inv_t).to(ab.dtype)
+
+
+def bank_update_(bank: torch.Tensor, idx: torch.Tensor, feat: torch.Tensor, momentum: float) -> torch.Tensor:
+    """``bank[y] = normalize(m * bank[y] + (1 - m) * feat)`` in place, as the original.
+
+    Every row is read before any is written; with a repeated y, ``index_copy_`` on the CPU keeps the
+    last occurrence.
+
+    Args:
+        bank (Tensor[N, D]) updated in place; idx (Tensor[B], int64); feat (Tensor[B, D]).
+    Returns:
+        bank.
+    """
+    with torch.no_grad():
+        pos = torch.index_select(bank, 0, idx.view(-1))
+        pos.mul_(momentum)
+        pos.add_(torch.mul(feat.detach(), 1 - momentum))
+        norm = pos.pow(2).sum(1, keepdim=True).pow(0.5)
+        bank.index_copy_(0, idx, pos.div(norm))
+    return bank

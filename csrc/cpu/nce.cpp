@@ -1,0 +1,845 @@
+// NCE memory-bank scores and the bank update on the CPU.
+//
+// bank_scores: scores[b, k] = <bank[idx[b, k]], feat[b]>.
+//   Args: feat [B, D] (float16/bfloat16/float32/float64, any strides), bank [N, D] (same dtypes),
+//   idx [B, K] int64 in [0, N). Returns [B, K] in feat's dtype; accumulated in float32 (float64 when
+//   feat or bank is float64).
+// _bank_scores_backward: grad_feat[b] = sum_k grad[b, k] * bank[idx[b, k]]. Returns [B, D] in `dtype`.
+// iic_scores: the two-view IIC logits, each sampled row of the shared negative bank read once:
+//   out_l = [bank_ab[idx] | bank_neg[idx]] . l * inv_t, out_ab = [bank_l[idx] | bank_neg[idx]] . ab * inv_t,
+//   each [B, 2 (K+1)]; without bank_neg the CMC form [B, K+1]. Returns feature dtype.
+// _iic_scores_backward: gradients of both outputs with respect to l and ab.
+// bank_update_: bank[y] = normalize(m * bank[y] + (1 - m) * feat[b]) for y = idx[b], in place. Every
+//   update reads the row as it was before the call; with a repeated y the last occurrence is written
+//   (what index_copy_ gives on the CPU).
+//
+// Strategy: the gathered rows are never materialised. With few draws relative to the bank (B*K <= N)
+// each task gathers its rows and dots them on the fly (prefetching ahead). With more draws than bank
+// rows the (b, k) pairs are counting-sorted by row, so every touched row is read once, in address
+// order, and dotted with every feature that drew it: the bank streams like a GEMM would read it, but
+// only B*K dot products are computed instead of B*N. The backward uses the same two plans, summing in
+// a fixed order (fixed work units, partial sums reduced in order), so results do not depend on the
+// thread count. The inner loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run
+// time.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace iic_ext {
+namespace {
+
+#define IIC_INLINE inline __attribute__((always_inline))
+
+// ---- SIMD building blocks (GCC/Clang vector extensions: 64-byte vectors) ------------------------
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int W = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int W = 8;
+};
+
+template <typename T>
+IIC_INLINE typename Vec<T>::type vload(const T* p) {
+  typename Vec<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+IIC_INLINE void vstore(T* p, typename Vec<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Horizontal sum as a tree (halves added pairwise): a short dependency chain, fixed order.
+template <typename T>
+IIC_INLINE T hsum(typename Vec<T>::type v) {
+  typedef T half_t __attribute__((vector_size(32)));
+  typedef T quarter_t __attribute__((vector_size(16)));
+  half_t lo, hi;
+  std::memcpy(&lo, &v, 32);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+  lo += hi;
+  quarter_t a, b;
+  std::memcpy(&a, &lo, 16);
+  std::memcpy(&b, reinterpret_cast<const char*>(&lo) + 16, 16);
+  a += b;
+  constexpr int n = 16 / sizeof(T);
+  T s[n];
+  std::memcpy(s, &a, 16);
+  if constexpr (n == 4) {
+    return (s[0] + s[2]) + (s[1] + s[3]);
+  } else {
+    return s[0] + s[1];
+  }
+}
+
+// One dot product, two accumulators to halve the dependency chain.
+template <typename T>
+IIC_INLINE T dot1(const T* a, const T* b, int64_t D) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V s0{}, s1{};
+  int64_t d = 0;
+  for (; d + 2 * W <= D; d += 2 * W) {
+    s0 += vload(a + d) * vload(b + d);
+    s1 += vload(a + d + W) * vload(b + d + W);
+  }
+  if (d + W <= D) {
+    s0 += vload(a + d) * vload(b + d);
+    d += W;
+  }
+  T r = hsum<T>(s0 + s1);
+  for (; d < D; ++d) r += a[d] * b[d];
+  return r;
+}
+
+// Four independent dot products a_t . b_t (pointers may repeat).
+template <typename T>
+IIC_INLINE void dot4(const T* const a[4], const T* const b[4], int64_t D, T out[4]) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V s0{}, s1{}, s2{}, s3{};
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    s0 += vload(a[0] + d) * vload(b[0] + d);
+    s1 += vload(a[1] + d) * vload(b[1] + d);
+    s2 += vload(a[2] + d) * vload(b[2] + d);
+    s3 += vload(a[3] + d) * vload(b[3] + d);
+  }
+  T r0 = hsum<T>(s0), r1 = hsum<T>(s1), r2 = hsum<T>(s2), r3 = hsum<T>(s3);
+  for (; d < D; ++d) {
+    r0 += a[0][d] * b[0][d];
+    r1 += a[1][d] * b[1][d];
+    r2 += a[2][d] * b[2][d];
+    r3 += a[3][d] * b[3][d];
+  }
+  out[0] = r0;
+  out[1] = r1;
+  out[2] = r2;
+  out[3] = r3;
+}
+
+// Four dot products a . b_t of one row a.
+template <typename T>
+IIC_INLINE void dot1x4(const T* a, const T* const b[4], int64_t D, T out[4]) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V s0{}, s1{}, s2{}, s3{};
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    const V x = vload(a + d);
+    s0 += x * vload(b[0] + d);
+    s1 += x * vload(b[1] + d);
+    s2 += x * vload(b[2] + d);
+    s3 += x * vload(b[3] + d);
+  }
+  T r0 = hsum<T>(s0), r1 = hsum<T>(s1), r2 = hsum<T>(s2), r3 = hsum<T>(s3);
+  for (; d < D; ++d) {
+    r0 += a[d] * b[0][d];
+    r1 += a[d] * b[1][d];
+    r2 += a[d] * b[2][d];
+    r3 += a[d] * b[3][d];
+  }
+  out[0] = r0;
+  out[1] = r1;
+  out[2] = r2;
+  out[3] = r3;
+}
+
+// acc += g * r
+template <typename T>
+IIC_INLINE void axpy1(T* __restrict acc, T g, const T* r, int64_t D) {
+  constexpr int W = Vec<T>::W;
+  int64_t d = 0;
+  for (; d + W <= D; d += W) vstore(acc + d, vload(acc + d) + g * vload(r + d));
+  for (; d < D; ++d) acc[d] += g * r[d];
+}
+
+// acc += g0 r0 + g1 r1 + g2 r2 + g3 r3 (summed left to right)
+template <typename T>
+IIC_INLINE void axpy4(T* __restrict acc, const T g[4], const T* const r[4], int64_t D) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    V s = vload(acc + d);
+    s += g[0] * vload(r[0] + d);
+    s += g[1] * vload(r[1] + d);
+    s += g[2] * vload(r[2] + d);
+    s += g[3] * vload(r[3] + d);
+    vstore(acc + d, s);
+  }
+  for (; d < D; ++d) {
+    T s = acc[d];
+    s += g[0] * r[0][d];
+    s += g[1] * r[1][d];
+    s += g[2] * r[2][d];
+    s += g[3] * r[3][d];
+    acc[d] = s;
+  }
+}
+
+// Row r of the bank in the accumulation type: the row itself, or converted into buf.
+template <typename bank_t, typename acc_t>
+IIC_INLINE const acc_t* load_row(const bank_t* bank, int64_t ld, int64_t r, int64_t D, acc_t* buf) {
+  const bank_t* src = bank + r * ld;
+  if constexpr (std::is_same_v<bank_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<acc_t>(src[d]);
+    return buf;
+  }
+}
+
+template <typename bank_t>
+IIC_INLINE void prefetch_row(const bank_t* bank, int64_t ld, int64_t r, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(bank + r * ld);
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(bank_t));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+}
+
+// ---- the problem: which bank rows are dotted with which features, and where the results go --------
+
+// A job pairs one bank with the one or two feature matrices its rows are dotted with (the negative
+// bank of IIC serves both views). Forward: mat[i][b, off[i] + k] = scale * <bank[idx[b, k]], feat[i][b]>.
+// Backward: grad[slot[i]][b] += scale * mat[i][b, off[i] + k] * bank[idx[b, k]].
+template <typename bank_t, typename acc_t>
+struct Job {
+  const bank_t* bank;
+  int64_t ld;
+  int nf;
+  const acc_t* feat[2];  // [B, D] contiguous (forward)
+  acc_t* mat[2];         // [B, C] contiguous: scores written (forward) or gradients read (backward)
+  int64_t off[2];
+  int slot[2];  // which feature gradient (backward)
+};
+
+template <typename bank_t, typename acc_t>
+struct Problem {
+  int64_t B, Kc, C, D;  // rows and columns of idx, columns of mat, feature size
+  const int64_t* idx;   // [B, Kc] contiguous
+  acc_t scale;
+  int njobs;
+  int nslots;  // feature gradients (backward)
+  Job<bank_t, acc_t> jobs[3];
+};
+
+// (b, k) pairs grouped by bank row (a counting sort, stable): the pairs of row r are
+// pair[start[r] .. start[r + 1]), encoded (b << shift) | k, in increasing (b, k) order.
+struct RowGroups {
+  std::vector<int32_t> start, pair;
+  int shift;
+  int64_t C;
+  IIC_INLINE int64_t b_of(int32_t e) const { return e >> shift; }
+  IIC_INLINE int64_t at_of(int32_t e) const { return (e >> shift) * C + (e & ((1 << shift) - 1)); }
+};
+
+int ceil_log2(int64_t x) {
+  int s = 0;
+  while ((int64_t{1} << s) < x) ++s;
+  return s;
+}
+
+// Row grouping needs the pair codes to fit 31 bits.
+bool groupable(int64_t B, int64_t Kc, int64_t N) {
+  return N < (int64_t{1} << 31) && ceil_log2(Kc) < 31 && B <= (int64_t{1} << (31 - ceil_log2(Kc))) - 1;
+}
+
+RowGroups group_by_row(const int64_t* idx, int64_t B, int64_t Kc, int64_t C, int64_t N) {
+  RowGroups g;
+  g.shift = ceil_log2(Kc);
+  g.C = C;
+  g.start.assign(N + 1, 0);
+  int32_t* st = g.start.data();
+  const int64_t P = B * Kc;
+  for (int64_t p = 0; p < P; ++p) ++st[idx[p] + 1];
+  for (int64_t r = 0; r < N; ++r) st[r + 1] += st[r];
+  std::vector<int32_t> pos(g.start.begin(), g.start.end() - 1);
+  g.pair.resize(P);
+  int32_t* pr = g.pair.data();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* ix = idx + b * Kc;
+    const int32_t hi = static_cast<int32_t>(b << g.shift);
+    for (int64_t k = 0; k < Kc; ++k) pr[pos[ix[k]]++] = hi | static_cast<int32_t>(k);
+  }
+  return g;
+}
+
+// ---- work units (compiled once per instruction set) ------------------------------------------------
+
+constexpr int64_t kPrefetchAhead = 8;  // rows
+
+// Scores of pairs (b, k0 .. k1): gather each row and dot it.
+template <typename bank_t, typename acc_t>
+IIC_INLINE void fwd_gather_impl(const Problem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1, acc_t* buf) {
+  const int64_t D = p.D, Kc = p.Kc, C = p.C;
+  const int64_t* ix = p.idx + b * Kc;
+  for (int j = 0; j < p.njobs; ++j) {
+    const auto& job = p.jobs[j];
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) {
+      for (int64_t t = k + kPrefetchAhead; t < std::min(k + kPrefetchAhead + 4, k1); ++t)
+        prefetch_row(job.bank, job.ld, ix[t], D);
+      const acc_t* r[4];
+      for (int t = 0; t < 4; ++t) r[t] = load_row(job.bank, job.ld, ix[k + t], D, buf + t * D);
+      for (int i = 0; i < job.nf; ++i) {
+        const acc_t* f = job.feat[i] + b * D;
+        const acc_t* fv[4] = {f, f, f, f};
+        acc_t o[4];
+        dot4(r, fv, D, o);
+        acc_t* out = job.mat[i] + b * C + job.off[i] + k;
+        for (int t = 0; t < 4; ++t) out[t] = o[t] * p.scale;
+      }
+    }
+    for (; k < k1; ++k) {
+      const acc_t* r = load_row(job.bank, job.ld, ix[k], D, buf);
+      for (int i = 0; i < job.nf; ++i)
+        job.mat[i][b * C + job.off[i] + k] = dot1(r, job.feat[i] + b * D, D) * p.scale;
+    }
+  }
+}
+
+// Scores of every pair of bank rows r0 .. r1: each touched row read once, dotted with all its pairs.
+template <typename bank_t, typename acc_t>
+IIC_INLINE void fwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,
+                              acc_t* buf) {
+  const int64_t D = p.D;
+  const int32_t* st = g.start.data();
+  const int32_t* pr = g.pair.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t s = st[r], e = st[r + 1];
+    if (s == e) continue;
+    if (r + 2 < r1 && st[r + 3] > st[r + 2])
+      for (int j = 0; j < p.njobs; ++j) prefetch_row(p.jobs[j].bank, p.jobs[j].ld, r + 2, D);
+    for (int j = 0; j < p.njobs; ++j) {
+      const auto& job = p.jobs[j];
+      const acc_t* row = load_row(job.bank, job.ld, r, D, buf);
+      for (int i = 0; i < job.nf; ++i) {
+        const acc_t* feat = job.feat[i];
+        acc_t* mat = job.mat[i] + job.off[i];
+        int64_t q = s;
+        for (; q + 4 <= e; q += 4) {
+          const acc_t* fv[4];
+          for (int t = 0; t < 4; ++t) fv[t] = feat + g.b_of(pr[q + t]) * D;
+          acc_t o[4];
+          dot1x4(row, fv, D, o);
+          for (int t = 0; t < 4; ++t) mat[g.at_of(pr[q + t])] = o[t] * p.scale;
+        }
+        for (; q < e; ++q) mat[g.at_of(pr[q])] = dot1(row, feat + g.b_of(pr[q]) * D, D) * p.scale;
+      }
+    }
+  }
+}
+
+// acc[slot][D] for this b += contributions of pairs (b, k0 .. k1).
+template <typename bank_t, typename acc_t>
+IIC_INLINE void bwd_gather_impl(const Problem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1, acc_t* const* acc,
+                                acc_t* buf) {
+  const int64_t D = p.D, Kc = p.Kc, C = p.C;
+  const int64_t* ix = p.idx + b * Kc;
+  for (int j = 0; j < p.njobs; ++j) {
+    const auto& job = p.jobs[j];
+    int64_t k = k0;
+    for (; k + 4 <= k1; k += 4) {
+      for (int64_t t = k + kPrefetchAhead; t < std::min(k + kPrefetchAhead + 4, k1); ++t)
+        prefetch_row(job.bank, job.ld, ix[t], D);
+      const acc_t* r[4];
+      for (int t = 0; t < 4; ++t) r[t] = load_row(job.bank, job.ld, ix[k + t], D, buf + t * D);
+      for (int i = 0; i < job.nf; ++i) {
+        const acc_t* gin = job.mat[i] + b * C + job.off[i] + k;
+        const acc_t gv[4] = {gin[0] * p.scale, gin[1] * p.scale, gin[2] * p.scale, gin[3] * p.scale};
+        axpy4(acc[job.slot[i]], gv, r, D);
+      }
+    }
+    for (; k < k1; ++k) {
+      const acc_t* r = load_row(job.bank, job.ld, ix[k], D, buf);
+      for (int i = 0; i < job.nf; ++i)
+        axpy1(acc[job.slot[i]], job.mat[i][b * C + job.off[i] + k] * p.scale, r, D);
+    }
+  }
+}
+
+// part[slot][b][D] += contributions of the pairs of bank rows r0 .. r1.
+template <typename bank_t, typename acc_t>
+IIC_INLINE void bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,
+                              acc_t* part, acc_t* buf) {
+  const int64_t D = p.D, B = p.B;
+  const int32_t* st = g.start.data();
+  const int32_t* pr = g.pair.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t s = st[r], e = st[r + 1];
+    if (s == e) continue;
+    if (r + 2 < r1 && st[r + 3] > st[r + 2])
+      for (int j = 0; j < p.njobs; ++j) prefetch_row(p.jobs[j].bank, p.jobs[j].ld, r + 2, D);
+    for (int j = 0; j < p.njobs; ++j) {
+      const auto& job = p.jobs[j];
+      const acc_t* row = load_row(job.bank, job.ld, r, D, buf);
+      for (int i = 0; i < job.nf; ++i) {
+        const acc_t* gin = job.mat[i] + job.off[i];
+        acc_t* base = part + job.slot[i] * B * D;
+        for (int64_t q = s; q < e; ++q) axpy1(base + g.b_of(pr[q]) * D, gin[g.at_of(pr[q])] * p.scale, row, D);
+      }
+    }
+  }
+}
+
+#define IIC_NCE_UNITS(NS, ATTR)                                                                           \
+  namespace NS {                                                                                          \
+  template <typename bank_t, typename acc_t>                                                              \
+  ATTR void fwd_gather(const Problem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1, acc_t* buf) {  \
+    fwd_gather_impl(p, b, k0, k1, buf);                                                                   \
+  }                                                                                                       \
+  template <typename bank_t, typename acc_t>                                                              \
+  ATTR void fwd_rows(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t u0, int64_t u1,         \
+                     acc_t* buf) {                                                                        \
+    fwd_rows_impl(p, g, u0, u1, buf);                                                                     \
+  }                                                                                                       \
+  template <typename bank_t, typename acc_t>                                                              \
+  ATTR void bwd_gather(const Problem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1,                \
+                       acc_t* const* acc, acc_t* buf) {                                                   \
+    bwd_gather_impl(p, b, k0, k1, acc, buf);                                                              \
+  }                                                                                                       \
+  template <typename bank_t, typename acc_t>                                                              \
+  ATTR void bwd_rows(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t u0, int64_t u1,         \
+                     acc_t* part, acc_t* buf) {                                                           \
+    bwd_rows_impl(p, g, u0, u1, part, buf);                                                               \
+  }                                                                                                       \
+  }
+
+#if defined(__x86_64__) || defined(__i386__)
+IIC_NCE_UNITS(isa_avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c"))))
+IIC_NCE_UNITS(isa_avx2, __attribute__((target("avx2,fma,f16c"))))
+#endif
+IIC_NCE_UNITS(isa_base, )
+
+enum class Isa { kBase, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+  static const Isa isa = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return Isa::kAvx512;
+    if (avx2) return Isa::kAvx2;
+#endif
+    return Isa::kBase;
+  }();
+  return isa;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define IIC_NCE_DISPATCH(FN, ...)                                         \
+  do {                                                                    \
+    switch (cpu_isa()) {                                                  \
+      case Isa::kAvx512: isa_avx512::FN(__VA_ARGS__); break;              \
+      case Isa::kAvx2: isa_avx2::FN(__VA_ARGS__); break;                  \
+      default: isa_base::FN(__VA_ARGS__);                                 \
+    }                                                                     \
+  } while (0)
+#else
+#define IIC_NCE_DISPATCH(FN, ...) isa_base::FN(__VA_ARGS__)
+#endif
+
+// ---- plans -------------------------------------------------------------------------------------
+
+constexpr int64_t kPairBlock = 256;  // pairs (b, k) per gather task
+
+// Grouping by row pays once the draws outnumber the bank's rows (every touched row is then read once
+// and in order); with few draws, gathering avoids the O(N) pass. IIC_EXT_NCE_GROUP_RATIO tunes it.
+bool group_rows(int64_t pairs, int64_t N) {
+  static const double ratio = [] {
+    const char* s = std::getenv("IIC_EXT_NCE_GROUP_RATIO");
+    return s ? std::atof(s) : 1.0;
+  }();
+  return static_cast<double>(pairs) > ratio * static_cast<double>(N);
+}
+
+template <typename bank_t, typename acc_t>
+void run_forward(const Problem<bank_t, acc_t>& p, int64_t N) {
+  const int64_t P = p.B * p.Kc;
+  if (P == 0) return;
+  const int64_t D = p.D;
+  if (group_rows(P, N) && groupable(p.B, p.Kc, N)) {
+    const RowGroups g = group_by_row(p.idx, p.B, p.Kc, p.C, N);
+    at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> buf(D);
+      IIC_NCE_DISPATCH(fwd_rows, p, g, r0, r1, buf.data());
+    });
+  } else {
+    const int64_t nkb = (p.Kc + kPairBlock - 1) / kPairBlock;
+    at::parallel_for(0, p.B * nkb, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(4 * D);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / nkb, kb = t % nkb;
+        IIC_NCE_DISPATCH(fwd_gather, p, b, kb * kPairBlock, std::min(p.Kc, (kb + 1) * kPairBlock), buf.data());
+      }
+    });
+  }
+}
+
+// out[i] = sum over u of part[u][i] for part [U, M] (contiguous), summed in u order.
+template <typename acc_t>
+void sum_partials(const acc_t* part, int64_t U, int64_t M, acc_t* out) {
+  at::parallel_for(0, M, 4096, [&](int64_t m0, int64_t m1) {
+    for (int64_t i = m0; i < m1; ++i) out[i] = part[i];
+    for (int64_t u = 1; u < U; ++u)
+      for (int64_t i = m0; i < m1; ++i) out[i] += part[u * M + i];
+  });
+}
+
+// Returns the feature gradients [nslots, B, D] (acc_t). Work units are fixed by the shapes (never by
+// the thread count) and their partial sums are added in unit order, so the result is deterministic.
+template <typename bank_t, typename acc_t>
+at::Tensor run_backward(const Problem<bank_t, acc_t>& p, int64_t N, const at::TensorOptions& opts) {
+  const int64_t B = p.B, D = p.D, S = p.nslots;
+  const int64_t P = B * p.Kc;
+  if (P == 0 || D == 0) return at::zeros({S, B, D}, opts);
+  if (group_rows(P, N) && groupable(p.B, p.Kc, N)) {
+    const RowGroups g = group_by_row(p.idx, p.B, p.Kc, p.C, N);
+    const int64_t nseg = std::clamp<int64_t>(std::min(N, P) / 2048, 1, 32);
+    at::Tensor part = at::zeros({nseg, S, B, D}, opts);
+    acc_t* pp = part.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, nseg, 1, [&](int64_t s0, int64_t s1) {
+      std::vector<acc_t> buf(D);
+      for (int64_t s = s0; s < s1; ++s) {
+        IIC_NCE_DISPATCH(bwd_rows, p, g, N * s / nseg, N * (s + 1) / nseg, pp + s * S * B * D, buf.data());
+      }
+    });
+    at::Tensor out = at::empty({S, B, D}, opts);
+    sum_partials(pp, nseg, S * B * D, out.mutable_data_ptr<acc_t>());
+    return out;
+  }
+  const int64_t nkb = (p.Kc + kPairBlock - 1) / kPairBlock;
+  // partial sums [nkb, B, S, D]: unit (b, kb) owns its slice
+  at::Tensor part = at::zeros({nkb, B, S, D}, opts);
+  acc_t* pp = part.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, B * nkb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(4 * D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nkb, kb = t % nkb;
+      acc_t* base = pp + (kb * B + b) * S * D;
+      acc_t* acc[2] = {base, base + (S > 1 ? D : 0)};
+      IIC_NCE_DISPATCH(bwd_gather, p, b, kb * kPairBlock, std::min(p.Kc, (kb + 1) * kPairBlock), acc, buf.data());
+    }
+  });
+  at::Tensor out = at::empty({B, S, D}, opts);
+  sum_partials(pp, nkb, B * S * D, out.mutable_data_ptr<acc_t>());
+  return out.permute({1, 0, 2}).contiguous();
+}
+
+// ---- argument checks -------------------------------------------------------------------------------
+
+void check_matrix(const at::Tensor& x, const char* name, const char* shape) {
+  TORCH_CHECK(x.dim() == 2, name, " must be ", shape, ", got shape ", x.sizes());
+  check_float_dtype(x.scalar_type(), name);
+}
+
+void check_bank(const at::Tensor& bank, const char* name, int64_t D, const char* feat_name) {
+  check_matrix(bank, name, "[N, D]");
+  TORCH_CHECK(bank.size(1) == D, name, " rows have D = ", bank.size(1), " but ", feat_name, " has D = ", D);
+}
+
+void check_idx2(const at::Tensor& idx, int64_t B, int64_t N, const char* bank_name) {
+  TORCH_CHECK(idx.dim() == 2, "idx must be [B, K], got shape ", idx.sizes());
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
+  TORCH_CHECK(idx.size(0) == B, "idx must have one row per feature: B = ", B, ", idx has ", idx.size(0), " rows");
+  check_index(idx, N, "idx", bank_name);
+}
+
+at::ScalarType acc_type_of(at::ScalarType feat, at::ScalarType bank) {
+  return (feat == at::kDouble || bank == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+// Dispatch on the bank dtype and the accumulation type (float32, or float64 when anything is float64).
+template <typename F>
+void dispatch_bank(at::ScalarType bank, at::ScalarType acc, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank, "nce_bank", [&] {
+    using bank_t = scalar_t;
+    if (acc == at::kDouble) {
+      f(bank_t{}, double{});
+    } else {
+      if constexpr (!std::is_same_v<bank_t, double>) f(bank_t{}, float{});
+    }
+  });
+}
+
+// A bank as a [N, D] matrix with unit column stride (copied only when its rows are strided).
+at::Tensor rows_of(const at::Tensor& bank) { return bank.stride(1) == 1 || bank.size(1) <= 1 ? bank : bank.contiguous(); }
+
+// ---- ops -------------------------------------------------------------------------------------------
+
+at::Tensor bank_scores_cpu(const at::Tensor& feat, const at::Tensor& bank, const at::Tensor& idx) {
+  check_matrix(feat, "feat", "[B, D]");
+  check_same_device(feat, "feat", bank, "bank");
+  check_same_device(feat, "feat", idx, "idx");
+  check_bank(bank, "bank", feat.size(1), "feat");
+  check_idx2(idx, feat.size(0), bank.size(0), "rows of bank");
+  const int64_t B = feat.size(0), K = idx.size(1), D = feat.size(1);
+  const auto acc = acc_type_of(feat.scalar_type(), bank.scalar_type());
+  at::Tensor out = at::empty({B, K}, feat.options().dtype(acc));
+  if (out.numel() == 0) return out.to(feat.scalar_type());
+  if (D == 0) return out.zero_().to(feat.scalar_type());
+  const at::Tensor f = feat.to(acc).contiguous(), ix = idx.contiguous(), bk = rows_of(bank);
+  dispatch_bank(bk.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+    using bank_t = decltype(bank_v);
+    using acc_t = decltype(acc_v);
+    Problem<bank_t, acc_t> p{};
+    p.B = B, p.Kc = K, p.C = K, p.D = D, p.idx = ix.const_data_ptr<int64_t>(), p.scale = 1, p.njobs = 1;
+    p.jobs[0].bank = bk.const_data_ptr<bank_t>();
+    p.jobs[0].ld = bk.stride(0);
+    p.jobs[0].nf = 1;
+    p.jobs[0].feat[0] = f.const_data_ptr<acc_t>();
+    p.jobs[0].mat[0] = out.mutable_data_ptr<acc_t>();
+    run_forward(p, bk.size(0));
+  });
+  return out.to(feat.scalar_type());
+}
+
+at::Tensor bank_scores_backward_cpu(const at::Tensor& grad, const at::Tensor& bank, const at::Tensor& idx,
+                                    at::ScalarType dtype) {
+  check_matrix(grad, "grad", "[B, K]");
+  check_float_dtype(dtype, "dtype");
+  check_same_device(grad, "grad", bank, "bank");
+  check_same_device(grad, "grad", idx, "idx");
+  check_matrix(bank, "bank", "[N, D]");
+  check_idx2(idx, grad.size(0), bank.size(0), "rows of bank");
+  TORCH_CHECK(grad.size(1) == idx.size(1), "grad must be [B, K] like idx ", idx.sizes(), ", got ", grad.sizes());
+  const int64_t B = grad.size(0), K = idx.size(1), D = bank.size(1);
+  const auto acc = acc_type_of(dtype, bank.scalar_type());
+  const at::Tensor g = grad.to(acc).contiguous(), ix = idx.contiguous(), bk = rows_of(bank);
+  at::Tensor out;
+  dispatch_bank(bk.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+    using bank_t = decltype(bank_v);
+    using acc_t = decltype(acc_v);
+    Problem<bank_t, acc_t> p{};
+    p.B = B, p.Kc = K, p.C = K, p.D = D, p.idx = ix.const_data_ptr<int64_t>(), p.scale = 1, p.njobs = 1;
+    p.nslots = 1;
+    p.jobs[0].bank = bk.const_data_ptr<bank_t>();
+    p.jobs[0].ld = bk.stride(0);
+    p.jobs[0].nf = 1;
+    p.jobs[0].mat[0] = const_cast<acc_t*>(g.const_data_ptr<acc_t>());
+    p.jobs[0].slot[0] = 0;
+    out = run_backward(p, bk.size(0), grad.options().dtype(acc))[0];
+  });
+  return out.to(dtype);
+}
+
+struct IicArgs {
+  int64_t B, K1, D, N;
+  bool neg;
+};
+
+IicArgs check_iic(const at::Tensor& l, const at::Tensor& ab, const at::Tensor& bank_l, const at::Tensor& bank_ab,
+                  const std::optional<at::Tensor>& bank_neg, const at::Tensor& idx) {
+  check_matrix(l, "l", "[B, D]");
+  check_matrix(ab, "ab", "[B, D]");
+  TORCH_CHECK(l.sizes() == ab.sizes(), "l and ab must have the same shape, got ", l.sizes(), " and ", ab.sizes());
+  TORCH_CHECK(l.scalar_type() == ab.scalar_type(), "l and ab must have the same dtype, got ", l.scalar_type(),
+              " and ", ab.scalar_type());
+  const int64_t D = l.size(1);
+  check_same_device(l, "l", ab, "ab");
+  check_same_device(l, "l", bank_l, "bank_l");
+  check_same_device(l, "l", bank_ab, "bank_ab");
+  check_same_device(l, "l", idx, "idx");
+  check_bank(bank_l, "bank_l", D, "l");
+  check_bank(bank_ab, "bank_ab", D, "l");
+  TORCH_CHECK(bank_l.sizes() == bank_ab.sizes(), "bank_l and bank_ab must have the same shape, got ", bank_l.sizes(),
+              " and ", bank_ab.sizes());
+  TORCH_CHECK(bank_l.scalar_type() == bank_ab.scalar_type(), "bank_l and bank_ab must have the same dtype, got ",
+              bank_l.scalar_type(), " and ", bank_ab.scalar_type());
+  if (bank_neg.has_value()) {
+    check_same_device(l, "l", *bank_neg, "bank_neg");
+    check_bank(*bank_neg, "bank_neg", D, "l");
+    TORCH_CHECK(bank_neg->sizes() == bank_l.sizes(), "bank_neg must have bank_l's shape ", bank_l.sizes(), ", got ",
+                bank_neg->sizes());
+    TORCH_CHECK(bank_neg->scalar_type() == bank_l.scalar_type(), "bank_neg must have bank_l's dtype ",
+                bank_l.scalar_type(), ", got ", bank_neg->scalar_type());
+  }
+  check_idx2(idx, l.size(0), bank_l.size(0), "rows of the banks");
+  return {l.size(0), idx.size(1), D, bank_l.size(0), bank_neg.has_value()};
+}
+
+// Jobs of the IIC scores: bank_ab with l, bank_l with ab, bank_neg with both (one read per row).
+template <typename bank_t, typename acc_t>
+void set_iic_jobs(Problem<bank_t, acc_t>& p, const at::Tensor& bl, const at::Tensor& bab,
+                  const std::optional<at::Tensor>& bneg, const acc_t* l, const acc_t* ab, acc_t* mat_l,
+                  acc_t* mat_ab) {
+  auto& j0 = p.jobs[0];
+  j0.bank = bab.const_data_ptr<bank_t>(), j0.ld = bab.stride(0), j0.nf = 1;
+  j0.feat[0] = l, j0.mat[0] = mat_l, j0.off[0] = 0, j0.slot[0] = 0;
+  auto& j1 = p.jobs[1];
+  j1.bank = bl.const_data_ptr<bank_t>(), j1.ld = bl.stride(0), j1.nf = 1;
+  j1.feat[0] = ab, j1.mat[0] = mat_ab, j1.off[0] = 0, j1.slot[0] = 1;
+  p.njobs = 2;
+  if (bneg.has_value()) {
+    auto& j2 = p.jobs[2];
+    j2.bank = bneg->const_data_ptr<bank_t>(), j2.ld = bneg->stride(0), j2.nf = 2;
+    j2.feat[0] = l, j2.mat[0] = mat_l, j2.off[0] = p.Kc, j2.slot[0] = 0;
+    j2.feat[1] = ab, j2.mat[1] = mat_ab, j2.off[1] = p.Kc, j2.slot[1] = 1;
+    p.njobs = 3;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> iic_scores_cpu(const at::Tensor& l, const at::Tensor& ab, const at::Tensor& bank_l,
+                                                  const at::Tensor& bank_ab, const std::optional<at::Tensor>& bank_neg,
+                                                  const at::Tensor& idx, double inv_t) {
+  const IicArgs a = check_iic(l, ab, bank_l, bank_ab, bank_neg, idx);
+  const int64_t C = a.neg ? 2 * a.K1 : a.K1;
+  const auto acc = acc_type_of(l.scalar_type(), bank_l.scalar_type());
+  at::Tensor out_l = at::empty({a.B, C}, l.options().dtype(acc));
+  at::Tensor out_ab = at::empty({a.B, C}, l.options().dtype(acc));
+  if (out_l.numel() > 0 && a.D == 0) {
+    out_l.zero_();
+    out_ab.zero_();
+  } else if (out_l.numel() > 0) {
+    const at::Tensor fl = l.to(acc).contiguous(), fab = ab.to(acc).contiguous(), ix = idx.contiguous();
+    const at::Tensor bl = rows_of(bank_l), bab = rows_of(bank_ab);
+    const std::optional<at::Tensor> bneg =
+        bank_neg.has_value() ? std::optional<at::Tensor>(rows_of(*bank_neg)) : std::nullopt;
+    dispatch_bank(bl.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+      using bank_t = decltype(bank_v);
+      using acc_t = decltype(acc_v);
+      Problem<bank_t, acc_t> p{};
+      p.B = a.B, p.Kc = a.K1, p.C = C, p.D = a.D, p.idx = ix.const_data_ptr<int64_t>();
+      p.scale = static_cast<acc_t>(inv_t);
+      set_iic_jobs<bank_t, acc_t>(p, bl, bab, bneg, fl.const_data_ptr<acc_t>(), fab.const_data_ptr<acc_t>(),
+                                  out_l.mutable_data_ptr<acc_t>(), out_ab.mutable_data_ptr<acc_t>());
+      run_forward(p, a.N);
+    });
+  }
+  return {out_l.to(l.scalar_type()), out_ab.to(l.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> iic_scores_backward_cpu(const at::Tensor& grad_l, const at::Tensor& grad_ab,
+                                                           const at::Tensor& bank_l, const at::Tensor& bank_ab,
+                                                           const std::optional<at::Tensor>& bank_neg,
+                                                           const at::Tensor& idx, double inv_t, at::ScalarType dtype) {
+  check_float_dtype(dtype, "dtype");
+  check_matrix(grad_l, "grad_l", "[B, C]");
+  check_matrix(grad_ab, "grad_ab", "[B, C]");
+  TORCH_CHECK(grad_l.sizes() == grad_ab.sizes(), "grad_l and grad_ab must have the same shape, got ",
+              grad_l.sizes(), " and ", grad_ab.sizes());
+  check_same_device(grad_l, "grad_l", grad_ab, "grad_ab");
+  check_same_device(grad_l, "grad_l", bank_l, "bank_l");
+  check_same_device(grad_l, "grad_l", bank_ab, "bank_ab");
+  check_same_device(grad_l, "grad_l", idx, "idx");
+  check_matrix(bank_l, "bank_l", "[N, D]");
+  check_bank(bank_ab, "bank_ab", bank_l.size(1), "bank_l");
+  TORCH_CHECK(bank_l.sizes() == bank_ab.sizes() && bank_l.scalar_type() == bank_ab.scalar_type(),
+              "bank_l and bank_ab must have the same shape and dtype");
+  if (bank_neg.has_value()) {
+    check_same_device(grad_l, "grad_l", *bank_neg, "bank_neg");
+    TORCH_CHECK(bank_neg->sizes() == bank_l.sizes() && bank_neg->scalar_type() == bank_l.scalar_type(),
+                "bank_neg must have bank_l's shape and dtype");
+  }
+  check_idx2(idx, grad_l.size(0), bank_l.size(0), "rows of the banks");
+  const int64_t B = grad_l.size(0), K1 = idx.size(1), D = bank_l.size(1);
+  const int64_t C = bank_neg.has_value() ? 2 * K1 : K1;
+  TORCH_CHECK(grad_l.size(1) == C, "grad_l must be [B, ", C, "] for idx ", idx.sizes(),
+              bank_neg.has_value() ? " with bank_neg" : " without bank_neg", ", got ", grad_l.sizes());
+  const auto acc = acc_type_of(dtype, bank_l.scalar_type());
+  const at::Tensor gl = grad_l.to(acc).contiguous(), gab = grad_ab.to(acc).contiguous(), ix = idx.contiguous();
+  const at::Tensor bl = rows_of(bank_l), bab = rows_of(bank_ab);
+  const std::optional<at::Tensor> bneg =
+      bank_neg.has_value() ? std::optional<at::Tensor>(rows_of(*bank_neg)) : std::nullopt;
+  at::Tensor grads;
+  dispatch_bank(bl.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+    using bank_t = decltype(bank_v);
+    using acc_t = decltype(acc_v);
+    Problem<bank_t, acc_t> p{};
+    p.B = B, p.Kc = K1, p.C = C, p.D = D, p.idx = ix.const_data_ptr<int64_t>();
+    p.scale = static_cast<acc_t>(inv_t);
+    p.nslots = 2;
+    set_iic_jobs<bank_t, acc_t>(p, bl, bab, bneg, nullptr, nullptr, const_cast<acc_t*>(gl.const_data_ptr<acc_t>()),
+                                const_cast<acc_t*>(gab.const_data_ptr<acc_t>()));
+    grads = run_backward(p, bl.size(0), grad_l.options().dtype(acc));
+  });
+  // two separate tensors (views of one buffer would alias)
+  return {grads[0].to(dtype, false, true), grads[1].to(dtype, false, true)};
+}
+
+template <typename bank_t, typename acc_t>
+void update_rows(const at::Tensor& bank, const std::vector<int64_t>& rows, const std::vector<int64_t>& src,
+                 const at::Tensor& feat, acc_t m) {
+  const int64_t D = bank.size(1), s0 = bank.stride(0), s1 = bank.stride(1);
+  bank_t* bk = bank.mutable_data_ptr<bank_t>();
+  const acc_t* f = feat.const_data_ptr<acc_t>();
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> v(D);
+    for (int64_t i = begin; i < end; ++i) {
+      bank_t* row = bk + rows[i] * s0;
+      const acc_t* fb = f + src[i] * D;
+      acc_t ss = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t x = m * static_cast<acc_t>(row[d * s1]) + (1 - m) * fb[d];
+        v[d] = x;
+        ss += x * x;
+      }
+      const acc_t norm = std::sqrt(ss);  // no epsilon, as the original: a zero row gives NaN
+      for (int64_t d = 0; d < D; ++d) row[d * s1] = static_cast<bank_t>(v[d] / norm);
+    }
+  });
+}
+
+void bank_update_cpu(const at::Tensor& bank, const at::Tensor& idx, const at::Tensor& feat, double momentum) {
+  check_matrix(bank, "bank", "[N, D]");
+  check_matrix(feat, "feat", "[B, D]");
+  check_same_device(bank, "bank", feat, "feat");
+  check_same_device(bank, "bank", idx, "idx");
+  TORCH_CHECK(feat.size(1) == bank.size(1), "feat has D = ", feat.size(1), " but bank rows have D = ", bank.size(1));
+  TORCH_CHECK(idx.dim() == 1, "idx must be [B], got shape ", idx.sizes());
+  TORCH_CHECK(idx.size(0) == feat.size(0), "idx must have one entry per row of feat: feat has B = ", feat.size(0),
+              ", idx has ", idx.size(0));
+  check_index(idx, bank.size(0), "idx", "rows of bank");
+  const int64_t B = feat.size(0);
+  if (B == 0 || bank.size(1) == 0) return;
+  // the last occurrence of each row wins; every update reads the row as it was before the call
+  const at::Tensor ix = idx.contiguous();
+  const int64_t* y = ix.const_data_ptr<int64_t>();
+  std::vector<int64_t> order(B);
+  for (int64_t b = 0; b < B; ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t c) { return y[a] < y[c]; });
+  std::vector<int64_t> rows, src;
+  for (int64_t i = 0; i < B; ++i) {
+    if (i + 1 < B && y[order[i + 1]] == y[order[i]]) continue;
+    rows.push_back(y[order[i]]);
+    src.push_back(order[i]);
+  }
+  const auto acc = acc_type_of(feat.scalar_type(), bank.scalar_type());
+  const at::Tensor f = feat.detach().to(acc).contiguous();
+  dispatch_bank(bank.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+    using bank_t = decltype(bank_v);
+    using acc_t = decltype(acc_v);
+    update_rows<bank_t, acc_t>(bank, rows, src, f, static_cast<acc_t>(momentum));
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(iic_ext, CPU, m) {
+  m.impl("bank_scores", &bank_scores_cpu);
+  m.impl("_bank_scores_backward", &bank_scores_backward_cpu);
+  m.impl("iic_scores", &iic_scores_cpu);
+  m.impl("_iic_scores_backward", &iic_scores_backward_cpu);
+  m.impl("bank_update_", &bank_update_cpu);
+}
+
+}  // namespace iic_ext

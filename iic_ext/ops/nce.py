@@ -1,0 +1,157 @@
+"""NCE memory-bank operators: scores against sampled bank rows, and the momentum update of the bank.
+
+Thin wrappers over ``torch.ops.iic_ext.*`` with their fake (meta) kernels and autograd formulas. When
+the compiled library is missing they run the pure-PyTorch reference (and warn once). The banks are
+constant buffers: scores are differentiable with respect to the features only.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+from ._library import HAS_C, use_compiled
+
+
+def bank_scores(feat: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``scores[b, k] = <bank[idx[b, k]], feat[b]>`` without materialising the sampled rows.
+
+    Args:
+        feat (Tensor[B, D]): float16, bfloat16, float32 or float64, any strides.
+        bank (Tensor[N, D]): float16, bfloat16, float32 or float64 (a constant buffer: no gradient).
+        idx (Tensor[B, K], int64): rows of the bank, in ``[0, N)``.
+
+    Returns:
+        Tensor[B, K] in feat's dtype, accumulated in float32 (float64 when feat or bank is float64).
+        Differentiable with respect to feat.
+    """
+    if use_compiled():
+        return torch.ops.iic_ext.bank_scores(feat, bank, idx)
+    return reference.bank_scores(feat, bank, idx)
+
+
+def iic_scores(
+    l: torch.Tensor,
+    ab: torch.Tensor,
+    bank_l: torch.Tensor,
+    bank_ab: torch.Tensor,
+    bank_neg: Optional[torch.Tensor],
+    idx: torch.Tensor,
+    inv_t: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two-view IIC logits in one op; each sampled row of the negative bank is read once.
+
+    ``out_l = [bank_ab[idx] | bank_neg[idx]] . l * inv_t`` and
+    ``out_ab = [bank_l[idx] | bank_neg[idx]] . ab * inv_t``; without ``bank_neg`` the CMC form.
+
+    Args:
+        l, ab (Tensor[B, D]): the two views' features (same dtype).
+        bank_l, bank_ab (Tensor[N, D]): memory banks of the two views (same dtype).
+        bank_neg (Tensor[N, D] or None): the intra-negative bank.
+        idx (Tensor[B, K+1], int64): sampled rows, column 0 the positive.
+        inv_t: 1 / temperature.
+
+    Returns:
+        (out_l, out_ab): Tensor[B, 2(K+1)] each ([B, K+1] without bank_neg), in l's dtype.
+        Differentiable with respect to l and ab.
+    """
+    if use_compiled():
+        return torch.ops.iic_ext.iic_scores(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t))
+    return reference.iic_scores(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t))
+
+
+def bank_update_(bank: torch.Tensor, idx: torch.Tensor, feat: torch.Tensor, momentum: float) -> torch.Tensor:
+    """``bank[y] = normalize(m * bank[y] + (1 - m) * feat[b])`` for ``y = idx[b]``, in place, one pass.
+
+    Every update reads the row as it was before the call; when a row appears several times in
+    ``idx`` the last occurrence is written (what ``index_copy_`` does on the CPU), on every device.
+    No epsilon in the normalisation, as the original.
+
+    Args:
+        bank (Tensor[N, D]): updated in place (float16, bfloat16, float32 or float64).
+        idx (Tensor[B], int64): rows to update.
+        feat (Tensor[B, D]): new features (any float dtype; gradients are not tracked).
+        momentum: m.
+
+    Returns:
+        bank.
+    """
+    if use_compiled():
+        torch.ops.iic_ext.bank_update_(bank, idx, feat.detach(), float(momentum))
+        return bank
+    return reference.bank_update_(bank, idx, feat, float(momentum))
+
+
+# ---- fake kernels and autograd ---------------------------------------------------------------------
+
+
+def _same_device(*named):
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t is not None and t.device != first.device:
+            raise RuntimeError(
+                f"{first_name} and {name} must be on the same device, got {first.device} and {t.device}"
+            )
+
+
+if HAS_C:
+
+    @torch.library.register_fake("iic_ext::bank_scores")
+    def _bank_scores_fake(feat, bank, idx):
+        _same_device(("feat", feat), ("bank", bank), ("idx", idx))
+        return feat.new_empty((feat.shape[0], idx.shape[1]))
+
+    @torch.library.register_fake("iic_ext::_bank_scores_backward")
+    def _bank_scores_backward_fake(grad, bank, idx, dtype):
+        _same_device(("grad", grad), ("bank", bank), ("idx", idx))
+        return grad.new_empty((grad.shape[0], bank.shape[1]), dtype=dtype)
+
+    def _bank_scores_setup(ctx, inputs, output):
+        feat, bank, idx = inputs
+        ctx.save_for_backward(bank, idx)
+        ctx.feat_dtype = feat.dtype
+
+    def _bank_scores_grad(ctx, grad):
+        bank, idx = ctx.saved_tensors
+        grad_feat = None
+        if ctx.needs_input_grad[0]:
+            grad_feat = torch.ops.iic_ext._bank_scores_backward(grad, bank, idx, ctx.feat_dtype)
+        return grad_feat, None, None
+
+    torch.library.register_autograd("iic_ext::bank_scores", _bank_scores_grad, setup_context=_bank_scores_setup)
+
+    @torch.library.register_fake("iic_ext::iic_scores")
+    def _iic_scores_fake(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t=1.0):
+        _same_device(("l", l), ("ab", ab), ("bank_l", bank_l), ("bank_ab", bank_ab), ("bank_neg", bank_neg), ("idx", idx))
+        cols = idx.shape[1] * (2 if bank_neg is not None else 1)
+        return l.new_empty((l.shape[0], cols)), l.new_empty((l.shape[0], cols))
+
+    @torch.library.register_fake("iic_ext::_iic_scores_backward")
+    def _iic_scores_backward_fake(grad_l, grad_ab, bank_l, bank_ab, bank_neg, idx, inv_t, dtype):
+        _same_device(
+            ("grad_l", grad_l), ("grad_ab", grad_ab), ("bank_l", bank_l), ("bank_ab", bank_ab), ("bank_neg", bank_neg),
+            ("idx", idx),
+        )
+        shape = (grad_l.shape[0], bank_l.shape[1])
+        return grad_l.new_empty(shape, dtype=dtype), grad_l.new_empty(shape, dtype=dtype)
+
+    def _iic_scores_setup(ctx, inputs, output):
+        l, ab, bank_l, bank_ab, bank_neg, idx, inv_t = inputs
+        ctx.save_for_backward(bank_l, bank_ab, bank_neg, idx)
+        ctx.inv_t = inv_t
+        ctx.feat_dtype = l.dtype
+
+    def _iic_scores_grad(ctx, grad_l, grad_ab):
+        bank_l, bank_ab, bank_neg, idx = ctx.saved_tensors
+        gl = gab = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            gl, gab = torch.ops.iic_ext._iic_scores_backward(
+                grad_l, grad_ab, bank_l, bank_ab, bank_neg, idx, ctx.inv_t, ctx.feat_dtype
+            )
+        return gl, gab, None, None, None, None, None
+
+    torch.library.register_autograd("iic_ext::iic_scores", _iic_scores_grad, setup_context=_iic_scores_setup)
+
+    @torch.library.register_fake("iic_ext::bank_update_")
+    def _bank_update_fake(bank, idx, feat, momentum):
+        _same_device(("bank", bank), ("idx", idx), ("feat", feat))
+        return None
