@@ -4,11 +4,9 @@ import copy
 import importlib.util
 import math
 import os
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from iic_ext import train as T
 from iic_ext.nce import NCEAverage
