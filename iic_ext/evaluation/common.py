@@ -20,10 +20,11 @@ DEFAULT_SSL_CHECKPOINT = os.path.join("runs", "r3d_res_repeat_synthetic", "last.
 # Clip settings of the original evaluation scripts (UCF101 / HMDB51).
 ORIGINAL_EVAL = dict(model="r3d", clip_len=16, resize=[128, 171], crop_size=112, clips_per_video=10,
                      workers=4, num_videos=None, num_test_videos=None)
-# The synthetic demo: clip size of the training demo preset (8 frames, 32x32 crops of 40x40 frames)
-# with the original 10 clips per video.
-SYNTHETIC_EVAL = dict(model="r3d", clip_len=8, resize=[40, 40], crop_size=32, clips_per_video=10,
-                      workers=0, num_videos=120, num_test_videos=60)
+# The synthetic demo: the geometry and training set of the training demo preset (8 frames, 16x16 crops
+# of 20x20 frames, 128 training videos; taken from the checkpoint when it records them), the 100 test
+# videos of the synthetic test split, and the original 10 clips per video.
+SYNTHETIC_EVAL = dict(model="r3d", clip_len=8, resize=[20, 20], crop_size=16, clips_per_video=10,
+                      workers=0, num_videos=128, num_test_videos=100)
 # The synthetic training set is generated from the training seed; the demo trains with 632.
 SYNTHETIC_DATA_SEED = 632
 
@@ -90,7 +91,7 @@ def resolve_common(args: argparse.Namespace, keys: Sequence[str] = tuple(ORIGINA
     filled = []
     for key in keys:
         if getattr(args, key, None) is None:
-            if key in ("clip_len", "resize", "crop_size", "model") and saved.get(key) is not None:
+            if key in ("clip_len", "resize", "crop_size", "model", "num_videos") and saved.get(key) is not None:
                 value = saved[key]
             elif key == "model" and checkpoint_args(args.ckpt).get("model") is not None:
                 value = checkpoint_args(args.ckpt)["model"]

@@ -132,7 +132,8 @@ class VideoResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_conv(x)
         if self.return_conv:
-            return torch.flatten(self.feature_pool(x), 1)
+            # maps under 2x2 (tiny demo clips) have nothing to pool: the feature is the map itself
+            return torch.flatten(self.feature_pool(x) if min(x.shape[-2:]) >= 2 else x, 1)
         x = torch.flatten(self.pool(x), 1)
         if self.with_classifier:
             x = self.linear(x)
