@@ -45,26 +45,37 @@ void gather_frames(const at::Tensor& clip, const at::Tensor& time_index, const a
   const bool block = frame_is_dense(clip) && frame_is_dense(out) && ss[1] == ds[1] && ss[3] == ds[3] &&
                      ss[4] == ds[4];
   const int64_t frame = C * H * W;
-  at::parallel_for(0, B * To, 1, [&](int64_t begin, int64_t end) {
+  if (block) {  // a dense frame starts at its lowest address, which is the [0, 0, 0] element here
+    at::parallel_for(0, B * To, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t b = u / To, t = u % To;
+        std::memcpy(dst + b * ds[0] + t * ds[2], src + b * ss[0] + idx[b][t] * ss[2], frame * sizeof(scalar_t));
+      }
+    });
+    return;
+  }
+  // Otherwise one task per (b, t, c) plane; a plane dense on both sides is one memcpy, else rows.
+  const bool plane = ss[4] == 1 && ds[4] == 1 && (H == 1 || (ss[3] == W && ds[3] == W));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H * W, 1));
+  at::parallel_for(0, B * To * C, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t b = u / To, t = u % To;
-      const scalar_t* s = src + b * ss[0] + idx[b][t] * ss[2];
-      scalar_t* d = dst + b * ds[0] + t * ds[2];
-      if (block) {
-        // a dense frame starts at its lowest address, which is the [0, 0, 0] element here
-        std::memcpy(d, s, frame * sizeof(scalar_t));
+      const int64_t c = u % C, bt = u / C;
+      const int64_t b = bt / To, t = bt % To;
+      const scalar_t* s = src + b * ss[0] + idx[b][t] * ss[2] + c * ss[1];
+      scalar_t* d = dst + b * ds[0] + t * ds[2] + c * ds[1];
+      if (plane) {
+        std::memcpy(d, s, H * W * sizeof(scalar_t));
         continue;
       }
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t h = 0; h < H; ++h) {
-          const scalar_t* sr = s + c * ss[1] + h * ss[3];
-          scalar_t* dr = d + c * ds[1] + h * ds[3];
-          if (ss[4] == 1 && ds[4] == 1) {
-            std::memcpy(dr, sr, W * sizeof(scalar_t));
-          } else {
-            for (int64_t w = 0; w < W; ++w) dr[w * ds[4]] = sr[w * ss[4]];
-          }
+      for (int64_t h = 0; h < H; ++h) {
+        const scalar_t* sr = s + h * ss[3];
+        scalar_t* dr = d + h * ds[3];
+        if (ss[4] == 1 && ds[4] == 1) {
+          std::memcpy(dr, sr, W * sizeof(scalar_t));
+        } else {
+          for (int64_t w = 0; w < W; ++w) dr[w * ds[4]] = sr[w * ss[4]];
         }
+      }
     }
   });
 }
