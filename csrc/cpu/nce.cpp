@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common.h"
+#include "nce_checks.h"
 
 namespace iic_ext {
 namespace {
@@ -641,39 +642,6 @@ at::Tensor run_backward(const Problem<bank_t, acc_t>& p, int64_t N, const at::Te
 
 // ---- argument checks -------------------------------------------------------------------------------
 
-void check_matrix(const at::Tensor& x, const char* name, const char* shape) {
-  TORCH_CHECK(x.dim() == 2, name, " must be ", shape, ", got shape ", x.sizes());
-  check_float_dtype(x.scalar_type(), name);
-}
-
-void check_bank(const at::Tensor& bank, const char* name, int64_t D, const char* feat_name) {
-  check_matrix(bank, name, "[N, D]");
-  TORCH_CHECK(bank.size(1) == D, name, " rows have D = ", bank.size(1), " but ", feat_name, " has D = ", D);
-}
-
-void check_idx2(const at::Tensor& idx, int64_t B, int64_t N, const char* bank_name) {
-  TORCH_CHECK(idx.dim() == 2, "idx must be [B, K], got shape ", idx.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
-  TORCH_CHECK(idx.size(0) == B, "idx must have one row per feature: B = ", B, ", idx has ", idx.size(0), " rows");
-  check_index(idx, N, "idx", bank_name);
-}
-
-at::ScalarType acc_type_of(at::ScalarType feat, at::ScalarType bank) {
-  return (feat == at::kDouble || bank == at::kDouble) ? at::kDouble : at::kFloat;
-}
-
-// Dispatch on the bank dtype and the accumulation type (float32, or float64 when anything is float64).
-template <typename F>
-void dispatch_bank(at::ScalarType bank, at::ScalarType acc, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank, "nce_bank", [&] {
-    using bank_t = scalar_t;
-    if (acc == at::kDouble) {
-      f(bank_t{}, double{});
-    } else {
-      if constexpr (!std::is_same_v<bank_t, double>) f(bank_t{}, float{});
-    }
-  });
-}
 
 // A bank as a [N, D] matrix with unit column stride (copied only when its rows are strided).
 at::Tensor rows_of(const at::Tensor& bank) { return bank.stride(1) == 1 || bank.size(1) <= 1 ? bank : bank.contiguous(); }
@@ -736,40 +704,6 @@ at::Tensor bank_scores_backward_cpu(const at::Tensor& grad, const at::Tensor& ba
   return out.to(dtype);
 }
 
-struct IicArgs {
-  int64_t B, K1, D, N;
-  bool neg;
-};
-
-IicArgs check_iic(const at::Tensor& l, const at::Tensor& ab, const at::Tensor& bank_l, const at::Tensor& bank_ab,
-                  const std::optional<at::Tensor>& bank_neg, const at::Tensor& idx) {
-  check_matrix(l, "l", "[B, D]");
-  check_matrix(ab, "ab", "[B, D]");
-  TORCH_CHECK(l.sizes() == ab.sizes(), "l and ab must have the same shape, got ", l.sizes(), " and ", ab.sizes());
-  TORCH_CHECK(l.scalar_type() == ab.scalar_type(), "l and ab must have the same dtype, got ", l.scalar_type(),
-              " and ", ab.scalar_type());
-  const int64_t D = l.size(1);
-  check_same_device(l, "l", ab, "ab");
-  check_same_device(l, "l", bank_l, "bank_l");
-  check_same_device(l, "l", bank_ab, "bank_ab");
-  check_same_device(l, "l", idx, "idx");
-  check_bank(bank_l, "bank_l", D, "l");
-  check_bank(bank_ab, "bank_ab", D, "l");
-  TORCH_CHECK(bank_l.sizes() == bank_ab.sizes(), "bank_l and bank_ab must have the same shape, got ", bank_l.sizes(),
-              " and ", bank_ab.sizes());
-  TORCH_CHECK(bank_l.scalar_type() == bank_ab.scalar_type(), "bank_l and bank_ab must have the same dtype, got ",
-              bank_l.scalar_type(), " and ", bank_ab.scalar_type());
-  if (bank_neg.has_value()) {
-    check_same_device(l, "l", *bank_neg, "bank_neg");
-    check_bank(*bank_neg, "bank_neg", D, "l");
-    TORCH_CHECK(bank_neg->sizes() == bank_l.sizes(), "bank_neg must have bank_l's shape ", bank_l.sizes(), ", got ",
-                bank_neg->sizes());
-    TORCH_CHECK(bank_neg->scalar_type() == bank_l.scalar_type(), "bank_neg must have bank_l's dtype ",
-                bank_l.scalar_type(), ", got ", bank_neg->scalar_type());
-  }
-  check_idx2(idx, l.size(0), bank_l.size(0), "rows of the banks");
-  return {l.size(0), idx.size(1), D, bank_l.size(0), bank_neg.has_value()};
-}
 
 // Jobs of the IIC scores: bank_ab with l, bank_l with ab, bank_neg with both (one read per row).
 template <typename bank_t, typename acc_t>
