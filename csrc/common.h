@@ -1,6 +1,7 @@
 // Argument checks shared by the CPU and CUDA kernels: each error names the argument at fault.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 namespace iic_ext {
@@ -51,6 +52,30 @@ inline at::ScalarType view_out_dtype(const at::Tensor& clip, std::optional<at::S
     return *out_dtype;
   }
   return clip.scalar_type() == at::kByte ? at::kFloat : clip.scalar_type();
+}
+
+// An out= buffer of residual_frames: clip's shape, floating, same device, not overlapping clip.
+inline void check_residual_out(const at::Tensor& clip, const at::Tensor& out) {
+  check_float_dtype(out.scalar_type(), "out");
+  check_same_device(clip, "clip", out, "out");
+  TORCH_CHECK(out.sizes() == clip.sizes(), "out must have the shape of clip ", clip.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(!out.is_same(clip), "out must not be clip: residual_frames cannot run in place");
+  at::assert_no_internal_overlap(out);
+  at::assert_no_overlap(out, clip);
+}
+
+// An out= buffer of temporal_gather: [B, C, T_out, H, W] of clip's dtype, not overlapping clip.
+inline void check_gather_out(const at::Tensor& clip, const at::Tensor& time_index, const at::Tensor& out) {
+  check_same_device(clip, "clip", out, "out");
+  TORCH_CHECK(out.scalar_type() == clip.scalar_type(), "out must have clip's dtype ", clip.scalar_type(), ", got ",
+              out.scalar_type());
+  TORCH_CHECK(out.dim() == 5 && out.size(0) == clip.size(0) && out.size(1) == clip.size(1) &&
+                  out.size(2) == time_index.size(1) && out.size(3) == clip.size(3) && out.size(4) == clip.size(4),
+              "out must be [B, C, T_out, H, W] = [", clip.size(0), ", ", clip.size(1), ", ", time_index.size(1), ", ",
+              clip.size(3), ", ", clip.size(4), "], got ", out.sizes());
+  TORCH_CHECK(!out.is_same(clip), "out must not be clip: temporal_gather cannot run in place");
+  at::assert_no_internal_overlap(out);
+  at::assert_no_overlap(out, clip);
 }
 
 }  // namespace iic_ext

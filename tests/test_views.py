@@ -376,6 +376,12 @@ def test_bad_inputs_raise_clear_errors():
         ops.iic_views(x, idx, mean=[0.5])
     with pytest.raises(RuntimeError, match="std must be positive"):
         ops.iic_views(x, idx, std=[1.0, 0.0, 1.0])
+    buf = torch.rand(2 * 3 * 5 * 4 * 4 + 1)  # out one element past clip in the same memory
+    clip, shifted = buf[:-1].view(2, 3, 5, 4, 4), buf[1:].view(2, 3, 5, 4, 4)
+    with pytest.raises(RuntimeError, match="memory location"):
+        ops.residual_frames(clip, out=shifted)
+    with pytest.raises(RuntimeError, match="memory location"):
+        ops.temporal_gather(clip, idx, out=shifted)
     with pytest.raises(RuntimeError, match="num_frames"):
         torch.ops.iic_ext._temporal_gather_backward(torch.zeros(2, 3, 5, 4, 4), idx, 0)
 

@@ -150,10 +150,7 @@ double input_scale(const at::Tensor& clip) { return clip.scalar_type() == at::kB
 
 void residual_frames_out_impl(const at::Tensor& clip, bool scaled, const at::Tensor& out) {
   check_clip(clip);
-  check_float_dtype(out.scalar_type(), "out");
-  check_same_device(clip, "clip", out, "out");
-  TORCH_CHECK(out.sizes() == clip.sizes(), "out must have the shape of clip ", clip.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(!out.is_same(clip), "out must not be clip: residual_frames cannot run in place");
+  check_residual_out(clip, out);
   const double s = (scaled ? 0.5 : 1.0) * input_scale(clip);
   time_diff_cpu(clip, out, -1, s, scaled ? 0.5 : 0.0);
 }

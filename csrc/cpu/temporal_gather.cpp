@@ -80,17 +80,6 @@ void gather_frames(const at::Tensor& clip, const at::Tensor& time_index, const a
   });
 }
 
-void check_gather_out(const at::Tensor& clip, const at::Tensor& time_index, const at::Tensor& out) {
-  check_same_device(clip, "clip", out, "out");
-  TORCH_CHECK(out.scalar_type() == clip.scalar_type(), "out must have clip's dtype ", clip.scalar_type(), ", got ",
-              out.scalar_type());
-  TORCH_CHECK(out.dim() == 5 && out.size(0) == clip.size(0) && out.size(1) == clip.size(1) &&
-                  out.size(2) == time_index.size(1) && out.size(3) == clip.size(3) && out.size(4) == clip.size(4),
-              "out must be [B, C, T_out, H, W] = [", clip.size(0), ", ", clip.size(1), ", ", time_index.size(1), ", ",
-              clip.size(3), ", ", clip.size(4), "], got ", out.sizes());
-  TORCH_CHECK(!out.is_same(clip), "out must not be clip: temporal_gather cannot run in place");
-}
-
 void temporal_gather_out_cpu(const at::Tensor& clip, const at::Tensor& time_index, at::Tensor& out) {
   check_clip(clip);
   check_time_index(clip, time_index);
