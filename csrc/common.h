@@ -54,6 +54,26 @@ inline at::ScalarType view_out_dtype(const at::Tensor& clip, std::optional<at::S
   return clip.scalar_type() == at::kByte ? at::kFloat : clip.scalar_type();
 }
 
+// Per-channel normalisation of the IIC views: m[c] = mean[c] (0 without mean), is[c] = 1 / std[c]
+// (1 without std), for c < C; one value per channel, std positive.
+inline void view_normalisation(int64_t C, std::optional<at::ArrayRef<double>> mean,
+                               std::optional<at::ArrayRef<double>> std, double* m, double* is) {
+  for (int64_t c = 0; c < C; ++c) m[c] = 0.0, is[c] = 1.0;
+  if (mean.has_value()) {
+    TORCH_CHECK(static_cast<int64_t>(mean->size()) == C, "mean must have one value per channel (C = ", C, "), got ",
+                mean->size());
+    for (int64_t c = 0; c < C; ++c) m[c] = (*mean)[c];
+  }
+  if (std.has_value()) {
+    TORCH_CHECK(static_cast<int64_t>(std->size()) == C, "std must have one value per channel (C = ", C, "), got ",
+                std->size());
+    for (int64_t c = 0; c < C; ++c) {
+      TORCH_CHECK((*std)[c] > 0, "std must be positive, got ", (*std)[c], " for channel ", c);
+      is[c] = 1.0 / (*std)[c];
+    }
+  }
+}
+
 // An out= buffer of residual_frames: clip's shape, floating, same device, not overlapping clip.
 inline void check_residual_out(const at::Tensor& clip, const at::Tensor& out) {
   check_float_dtype(out.scalar_type(), "out");

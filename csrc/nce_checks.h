@@ -78,5 +78,34 @@ inline IicArgs check_iic(const at::Tensor& l, const at::Tensor& ab, const at::Te
   return {l.size(0), idx.size(1), D, bank_l.size(0), bank_neg.has_value()};
 }
 
+// The arguments of _iic_scores_backward: gradients [B, C] with C = 2 (K+1) with bank_neg, else K+1.
+inline IicArgs check_iic_backward(const at::Tensor& grad_l, const at::Tensor& grad_ab, const at::Tensor& bank_l,
+                                  const at::Tensor& bank_ab, const std::optional<at::Tensor>& bank_neg,
+                                  const at::Tensor& idx, at::ScalarType dtype) {
+  check_float_dtype(dtype, "dtype");
+  check_matrix(grad_l, "grad_l", "[B, C]");
+  check_matrix(grad_ab, "grad_ab", "[B, C]");
+  TORCH_CHECK(grad_l.sizes() == grad_ab.sizes(), "grad_l and grad_ab must have the same shape, got ",
+              grad_l.sizes(), " and ", grad_ab.sizes());
+  check_same_device(grad_l, "grad_l", grad_ab, "grad_ab");
+  check_same_device(grad_l, "grad_l", bank_l, "bank_l");
+  check_same_device(grad_l, "grad_l", bank_ab, "bank_ab");
+  check_same_device(grad_l, "grad_l", idx, "idx");
+  check_matrix(bank_l, "bank_l", "[N, D]");
+  check_bank(bank_ab, "bank_ab", bank_l.size(1), "bank_l");
+  TORCH_CHECK(bank_l.sizes() == bank_ab.sizes() && bank_l.scalar_type() == bank_ab.scalar_type(),
+              "bank_l and bank_ab must have the same shape and dtype");
+  if (bank_neg.has_value()) {
+    check_same_device(grad_l, "grad_l", *bank_neg, "bank_neg");
+    TORCH_CHECK(bank_neg->sizes() == bank_l.sizes() && bank_neg->scalar_type() == bank_l.scalar_type(),
+                "bank_neg must have bank_l's shape and dtype");
+  }
+  check_idx2(idx, grad_l.size(0), bank_l.size(0), "rows of the banks");
+  const int64_t B = grad_l.size(0), K1 = idx.size(1), D = bank_l.size(1);
+  const int64_t C = bank_neg.has_value() ? 2 * K1 : K1;
+  TORCH_CHECK(grad_l.size(1) == C, "grad_l must be [B, ", C, "] for idx ", idx.sizes(),
+              bank_neg.has_value() ? " with bank_neg" : " without bank_neg", ", got ", grad_l.sizes());
+  return {B, K1, D, bank_l.size(0), bank_neg.has_value()};
+}
 
 }  // namespace iic_ext

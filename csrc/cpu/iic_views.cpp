@@ -159,20 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cpu(const at::Tensor& c
   check_clip(clip);
   check_time_index(clip, time_index);
   const int64_t C = clip.size(1);
-  std::vector<double> m(C, 0.0), is(C, 1.0);
-  if (mean.has_value()) {
-    TORCH_CHECK(static_cast<int64_t>(mean->size()) == C, "mean must have one value per channel (C = ", C, "), got ",
-                mean->size());
-    for (int64_t c = 0; c < C; ++c) m[c] = (*mean)[c];
-  }
-  if (std.has_value()) {
-    TORCH_CHECK(static_cast<int64_t>(std->size()) == C, "std must have one value per channel (C = ", C, "), got ",
-                std->size());
-    for (int64_t c = 0; c < C; ++c) {
-      TORCH_CHECK((*std)[c] > 0, "std must be positive, got ", (*std)[c], " for channel ", c);
-      is[c] = 1.0 / (*std)[c];
-    }
-  }
+  std::vector<double> m(C), is(C);
+  view_normalisation(C, mean, std, m.data(), is.data());
   const auto dt = view_out_dtype(clip, out_dtype);
   auto opts = clip.options().dtype(dt).memory_format(at::MemoryFormat::Contiguous);
   auto neg_sizes = clip.sizes().vec();

@@ -87,20 +87,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cuda(const at::Tensor& 
     mean_v[c] = 0.0;
     inv_std_v[c] = 1.0;
   }
-  if (mean.has_value()) {
-    TORCH_CHECK(static_cast<int64_t>(mean->size()) == C, "mean must have one value per channel (C = ", C, "), got ",
-                mean->size());
+  if (mean.has_value() || std.has_value()) {
     TORCH_CHECK(C <= kMaxChannels, "mean and std support at most ", kMaxChannels, " channels on CUDA, got C = ", C);
-    for (int64_t c = 0; c < C; ++c) mean_v[c] = (*mean)[c];
-  }
-  if (std.has_value()) {
-    TORCH_CHECK(static_cast<int64_t>(std->size()) == C, "std must have one value per channel (C = ", C, "), got ",
-                std->size());
-    TORCH_CHECK(C <= kMaxChannels, "mean and std support at most ", kMaxChannels, " channels on CUDA, got C = ", C);
-    for (int64_t c = 0; c < C; ++c) {
-      TORCH_CHECK((*std)[c] > 0, "std must be positive, got ", (*std)[c], " for channel ", c);
-      inv_std_v[c] = 1.0 / (*std)[c];
-    }
+    view_normalisation(C, mean, std, mean_v, inv_std_v);
   }
   const bool normalise = mean.has_value() || std.has_value();
   const auto dt = view_out_dtype(clip, out_dtype);
