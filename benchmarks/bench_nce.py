@@ -11,6 +11,11 @@ banks' positive rows (``bank_update_``). The arms differ only in the score and u
 * dense: ``reference.iic_scores_dense`` (one GEMM against each whole bank, then a gather) /
   ``reference.bank_update_``.
 
+A second set of rows times the same step with the loss fused into the scores: ``iic_softmax_loss``
+(one pass over the sampled rows gives the loss and its gradient) against the cross-entropy of the
+original-style and of the dense logits (``reference.iic_softmax_loss`` / ``iic_softmax_loss_dense``).
+Each call returns the same two gradients and leaves the same banks as the rows above.
+
 Floor: a kernel must read at least the sampled rows of the three banks once, or each whole bank once
 when that is smaller, so ``floor = min(3 B (K + 1) D, 3 N D) * itemsize / bandwidth``.
 """
@@ -52,10 +57,28 @@ def _make_step(scores, update, l, ab, neg, banks, idx, y):
     return step
 
 
+def _make_loss_step(losses, update, l, ab, neg, banks, idx, y):
+    bank_l, bank_ab, bank_neg = banks
+
+    def step():
+        loss_l, loss_ab = losses(l, ab, bank_l, bank_ab, bank_neg, idx, 1.0 / TEMPERATURE)
+        grads = torch.autograd.grad(loss_l.mean() + loss_ab.mean(), (l, ab))
+        update(bank_l, y, l.detach(), MOMENTUM)
+        update(bank_ab, y, ab.detach(), MOMENTUM)
+        update(bank_neg, y, neg, MOMENTUM)
+        return grads
+
+    return step
+
+
 def _check(l, ab, banks, idx):
     """The fused scores equal the reference on these inputs (else the timing compares different work)."""
     got = ops.iic_scores(l, ab, *banks, idx, 1.0 / TEMPERATURE)
     want = reference.iic_scores(l, ab, *banks, idx, 1.0 / TEMPERATURE)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    got = ops.iic_softmax_loss(l, ab, *banks, idx, 1.0 / TEMPERATURE)
+    want = reference.iic_softmax_loss(l, ab, *banks, idx, 1.0 / TEMPERATURE)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
@@ -88,6 +111,16 @@ def run(cfg: Config):
         item = banks[0].element_size()
         floor = min(3 * B * (K + 1) * D, 3 * N * D) * item + 3 * 2 * B * D * item
         rows += compare(cfg, "nce", "iic_scores fwd+bwd+update", (B, K, D, N), banks[0].dtype, arms, floor,
+                        variant=f"B={B} K={K} D={D} N={N}")
+        del arms
+        arms = {
+            "fused": _make_loss_step(ops.iic_softmax_loss, ops.bank_update_, l, ab, neg, [b.clone() for b in banks], idx, y),
+            "original": _make_loss_step(reference.iic_softmax_loss, reference.bank_update_, l, ab, neg,
+                                        [b.clone() for b in banks], idx, y),
+            "dense": _make_loss_step(reference.iic_softmax_loss_dense, reference.bank_update_, l, ab, neg,
+                                     [b.clone() for b in banks], idx, y),
+        }
+        rows += compare(cfg, "nce", "iic_softmax_loss fwd+bwd+update", (B, K, D, N), banks[0].dtype, arms, floor,
                         variant=f"B={B} K={K} D={D} N={N}")
         del arms, banks
     return rows, notes

@@ -6,8 +6,9 @@ momentum 0.9, weight decay 1e-4):
 
 1. views of the uint8 clip batch: RGB, residual, repeat negative (``iic_views``);
 2. three forward passes through the backbone in train mode, the negative under ``no_grad``;
-3. the logits of both views against K + 1 sampled rows of the three banks (``iic_scores``),
-   cross-entropy with label 0 on each, backward, SGD step;
+3. the softmax loss (label 0) of both views' logits against K + 1 sampled rows of the three banks
+   (fused arm: ``iic_softmax_loss``, as the trainer; reference arm: ``index_select`` + ``bmm`` +
+   ``cross_entropy``, as the original), backward, SGD step;
 4. the momentum update of the three banks (``bank_update_``).
 
 The two arms run the same model (same initial weights, each its own copy and optimiser) and differ only
@@ -32,11 +33,11 @@ TEMPERATURE, MOMENTUM = 0.07, 0.5
 class IICStep:
     """State and ops of one arm: a backbone, its SGD optimiser, three banks and the op functions."""
 
-    def __init__(self, model, banks, views, scores, update, device):
+    def __init__(self, model, banks, views, losses, update, device):
         self.model = model
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         self.banks = banks
-        self.views, self.scores, self.update = views, scores, update
+        self.views, self.losses, self.update = views, losses, update
         self.device = device
 
     def __call__(self, clip, y, time_index, idx):
@@ -46,9 +47,8 @@ class IICStep:
         with torch.no_grad():  # the negative's feature only feeds its bank
             feat_neg = self.model(neg)
         bank_l, bank_ab, bank_neg = self.banks
-        out_l, out_ab = self.scores(feat_l, feat_ab, bank_l, bank_ab, bank_neg, idx, 1.0 / TEMPERATURE)
-        zero = torch.zeros(clip.shape[0], dtype=torch.long, device=clip.device)
-        loss = F.cross_entropy(out_l, zero) + F.cross_entropy(out_ab, zero)
+        loss_l, loss_ab = self.losses(feat_l, feat_ab, bank_l, bank_ab, bank_neg, idx, 1.0 / TEMPERATURE)
+        loss = loss_l.mean() + loss_ab.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -64,15 +64,14 @@ def _banks(device, g):
     return [torch.rand(N, D, generator=g).mul_(2 * stdv).add_(-stdv).to(device) for _ in range(3)]
 
 
-def _nce_only(scores, update, banks, B, device, g, idx, y):
+def _nce_only(losses, update, banks, B, device, g, idx, y):
     l = F.relu(torch.randn(B, D, generator=g)).to(device).requires_grad_()
     ab = F.relu(torch.randn(B, D, generator=g)).to(device).requires_grad_()
     neg = F.relu(torch.randn(B, D, generator=g)).to(device)
-    zero = torch.zeros(B, dtype=torch.long, device=device)
 
     def fn():
-        out_l, out_ab = scores(l, ab, *banks, idx, 1.0 / TEMPERATURE)
-        loss = F.cross_entropy(out_l, zero) + F.cross_entropy(out_ab, zero)
+        loss_l, loss_ab = losses(l, ab, *banks, idx, 1.0 / TEMPERATURE)
+        loss = loss_l.mean() + loss_ab.mean()
         grads = torch.autograd.grad(loss, (l, ab))
         for bank, f in zip(banks, (l.detach(), ab.detach(), neg)):
             update(bank, y, f, MOMENTUM)
@@ -82,8 +81,8 @@ def _nce_only(scores, update, banks, B, device, g, idx, y):
 
 
 def run(cfg: Config):
-    if not hasattr(ops, "iic_scores"):
-        raise ImportError("the NCE ops (iic_ext.ops.iic_scores) are not in this checkout")
+    if not hasattr(ops, "iic_softmax_loss"):
+        raise ImportError("the NCE ops (iic_ext.ops.iic_softmax_loss) are not in this checkout")
     from iic_ext.models import build_model
 
     if cfg.quick:
@@ -107,10 +106,10 @@ def run(cfg: Config):
         idx[:, 0] = y
         time_index = indices.repeat_index(B, T, g).to(cfg.device)
         steps = {
-            "fused": IICStep(copy.deepcopy(model), [b.clone() for b in banks], ops.iic_views, ops.iic_scores,
+            "fused": IICStep(copy.deepcopy(model), [b.clone() for b in banks], ops.iic_views, ops.iic_softmax_loss,
                              ops.bank_update_, cfg.device),
             "original": IICStep(copy.deepcopy(model), [b.clone() for b in banks], reference.iic_views,
-                                reference.iic_scores, reference.bank_update_, cfg.device),
+                                reference.iic_softmax_loss, reference.bank_update_, cfg.device),
         }
         arms = {k: (lambda s=s: s(clip, y, time_index, idx)) for k, s in steps.items()}
         saved = (cfg.repeats, cfg.block_s)
@@ -125,8 +124,8 @@ def run(cfg: Config):
         op_arms = {
             "views fused": lambda: ops.iic_views(clip, time_index),
             "views original": lambda: reference.iic_views(clip, time_index),
-            "nce fused": _nce_only(ops.iic_scores, ops.bank_update_, [b.clone() for b in banks], B, cfg.device, g, idx, y),
-            "nce original": _nce_only(reference.iic_scores, reference.bank_update_, [b.clone() for b in banks], B,
+            "nce fused": _nce_only(ops.iic_softmax_loss, ops.bank_update_, [b.clone() for b in banks], B, cfg.device, g, idx, y),
+            "nce original": _nce_only(reference.iic_softmax_loss, reference.bank_update_, [b.clone() for b in banks], B,
                                       cfg.device, g, idx, y),
         }
         op_stats = time_arms(cfg, op_arms)

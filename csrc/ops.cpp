@@ -1,6 +1,6 @@
 // The schema of every iic_ext operator, in one place. Backends register kernels in
 // csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake (meta) kernels and autograd formulas are
-// registered from Python in iic_ext/ops/_meta.py. Ops are reached as torch.ops.iic_ext.<name>.
+// registered from Python next to the wrappers (iic_ext/ops/views.py, iic_ext/ops/nce.py). Ops are reached as torch.ops.iic_ext.<name>.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -46,5 +46,9 @@ TORCH_LIBRARY(iic_ext, m) {
   m.def("_iic_scores_backward(Tensor grad_l, Tensor grad_ab, Tensor bank_l, Tensor bank_ab, Tensor? bank_neg, Tensor idx, float inv_t, ScalarType dtype) -> (Tensor, Tensor)");
   // bank [N, D] in place: bank[y] = normalize(m * bank[y] + (1 - m) * feat[b]) for y = idx[b];
   // with repeated y in idx the last occurrence wins (as index_copy_ on CPU), deterministically.
+  // the softmax cross-entropy (label 0) of iic_scores' logits, in one pass over the sampled rows:
+  // (loss_l [B], loss_ab [B], grad_l [B, D], grad_ab [B, D]), grad_* = d loss_* / d (l or ab) per sample,
+  // all in the accumulation dtype (float32, float64 when l or the banks are float64)
+  m.def("iic_softmax_loss(Tensor l, Tensor ab, Tensor bank_l, Tensor bank_ab, Tensor? bank_neg, Tensor idx, float inv_t=1.0) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bank_update_(Tensor(a!) bank, Tensor idx, Tensor feat, float momentum) -> ()");
 }

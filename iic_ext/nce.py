@@ -4,6 +4,8 @@
 ``memory_neg``) so an original ``contrast`` state dict loads with ``strict=True``, and returns what
 the original ``lib/NCEAverage.py`` returns for the same banks and indices. The scores come from one
 fused op (:func:`iic_ext.ops.iic_scores`) and the three bank updates from :func:`iic_ext.ops.bank_update_`.
+For training with the softmax loss, :meth:`NCEAverage.softmax_losses` goes one step further: the loss
+and its gradient in one pass (:func:`iic_ext.ops.iic_softmax_loss`).
 """
 import logging
 import math
@@ -181,13 +183,7 @@ class NCEAverage(nn.Module):
             layout: logits in l's dtype (softmax) or float32 probabilities (NCE). The banks are then
             updated (rows y, momentum update), as the original does inside its forward.
         """
-        n = 2 if self.intra_neg else 1
-        if len(args) == n + 1 and idx is None:
-            args, idx = args[:n], args[n]
-        if len(args) != n:
-            sig = "(l, ab, neg, y, idx=None)" if self.intra_neg else "(l, ab, y, idx=None)"
-            raise TypeError(f"NCEAverage.forward takes {sig}, got {2 + len(args)} positional arguments")
-        neg, y = (args[0], args[1]) if self.intra_neg else (None, args[0])
+        neg, y, idx = self._parse(args, idx)
         K, T, Z_l, Z_ab, momentum = self.params.tolist()
         K = int(K)
         if idx is None:
@@ -217,6 +213,46 @@ class NCEAverage(nn.Module):
         with torch.no_grad():
             self.update(y, l, ab, neg, momentum, undo)
         return out_l.unsqueeze(-1), out_ab.unsqueeze(-1)
+
+    def softmax_losses(self, l: torch.Tensor, ab: torch.Tensor, *args, idx: Optional[torch.Tensor] = None):
+        """Both views' softmax losses in one fused pass, then the bank update (as :meth:`forward`).
+
+        Same arguments as :meth:`forward`. The result equals :class:`NCESoftmaxLoss` applied to each
+        of forward's outputs, per sample, without the ``[B, 2(K+1)]`` logits ever being stored
+        (:func:`iic_ext.ops.iic_softmax_loss`); the gradient is computed in the same pass, so the
+        backward does not read the banks and may come after later updates.
+
+        Returns:
+            (loss_l, loss_ab): Tensor[B] each, float32 (float64 with float64 features or banks);
+            their means are the two terms of the IIC loss, ``exp(-loss)`` the positive's probability.
+        """
+        if not self.use_softmax:
+            raise ValueError("softmax_losses needs use_softmax=True; the NCE form uses forward + NCECriterion")
+        if not (HAS_C and l.device.type == "cpu"):
+            # no fused kernel here: the logits (whose backward undoes the update) and cross-entropy
+            out_l, out_ab = self.forward(l, ab, *args, idx=idx)
+            dt = torch.promote_types(torch.promote_types(l.dtype, self.memory_l.dtype), torch.float32)
+            zero = torch.zeros(l.shape[0], dtype=torch.long, device=l.device)
+            return (F.cross_entropy(out_l.squeeze(-1).to(dt), zero, reduction="none"),
+                    F.cross_entropy(out_ab.squeeze(-1).to(dt), zero, reduction="none"))
+        neg, y, idx = self._parse(args, idx)
+        K, T, _, _, momentum = self.params.tolist()
+        if idx is None:
+            idx = self.sample_idx(y, int(K))
+        loss_l, loss_ab = nce_ops.iic_softmax_loss(l, ab, self.memory_l, self.memory_ab, self.memory_neg, idx, 1.0 / T)
+        with torch.no_grad():
+            self.update(y, l, ab, neg, momentum)
+        return loss_l, loss_ab
+
+    def _parse(self, args, idx):
+        n = 2 if self.intra_neg else 1
+        if len(args) == n + 1 and idx is None:
+            args, idx = args[:n], args[n]
+        if len(args) != n:
+            sig = "(l, ab, neg, y, idx=None)" if self.intra_neg else "(l, ab, y, idx=None)"
+            raise TypeError(f"NCEAverage.forward takes {sig}, got {2 + len(args)} positional arguments")
+        neg, y = (args[0], args[1]) if self.intra_neg else (None, args[0])
+        return neg, y, idx
 
     @torch.no_grad()
     def update(self, y, l, ab, neg=None, momentum=None, undo=None):

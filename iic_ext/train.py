@@ -295,12 +295,16 @@ def train_step(model, contrast, criteria, optimizer, batch, args, *, negatives, 
     if args.normalize_features:
         feat_1, feat_2 = F.normalize(feat_1, dim=1), F.normalize(feat_2, dim=1)
         feat_neg = F.normalize(feat_neg, dim=1) if feat_neg is not None else None
-    if feat_neg is not None:
-        out_1, out_2 = contrast(feat_1, feat_2, feat_neg, index)
+    feats = (feat_1, feat_2, feat_neg) if feat_neg is not None else (feat_1, feat_2)
+    if args.nce_criterion:
+        out_1, out_2 = contrast(*feats, index)
+        loss_1, loss_2 = criteria[0](out_1), criteria[1](out_2)
+        prob_1, prob_2 = _positive_prob(out_1, False), _positive_prob(out_2, False)
     else:
-        out_1, out_2 = contrast(feat_1, feat_2, index)
-    loss_1 = criteria[0](out_1)
-    loss_2 = criteria[1](out_2)
+        # the softmax loss fused with the scores (criteria are NCESoftmaxLoss: the same value)
+        per_1, per_2 = contrast.softmax_losses(*feats, index)
+        loss_1, loss_2 = per_1.mean(), per_2.mean()
+        prob_1, prob_2 = torch.exp(-per_1.detach()).mean(), torch.exp(-per_2.detach()).mean()
     loss = loss_1 + loss_2
 
     optimizer.zero_grad(set_to_none=True)
@@ -311,9 +315,8 @@ def train_step(model, contrast, criteria, optimizer, batch, args, *, negatives, 
     else:
         loss.backward()
         optimizer.step()
-    softmax = not args.nce_criterion
     return {"loss": loss.detach(), "loss_1": loss_1.detach(), "loss_2": loss_2.detach(),
-            "prob_1": _positive_prob(out_1, softmax), "prob_2": _positive_prob(out_2, softmax)}
+            "prob_1": prob_1, "prob_2": prob_2}
 
 
 def _set_lr(optimizer, scheduled, factor):

@@ -14,6 +14,16 @@ DEVICES = [
 ]
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 CLIP_DTYPES = [torch.uint8] + FLOAT_DTYPES
+# (feature dtype, bank dtype) pairs of the memory-bank ops
+NCE_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float64, torch.float64),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.bfloat16),
+]
 LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed"]
 
 # error of a low-precision result against float64, allowed relative to the reference's own error

@@ -3,21 +3,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from conftest import NCE_DTYPES
 from iic_ext.ops import HAS_C, bank_scores, bank_update_, iic_scores, reference
 
 pytestmark = pytest.mark.skipif(not HAS_C, reason="compiled iic_ext._C not built")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])]
-# (feature dtype, bank dtype)
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float64, torch.float64),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-    (torch.float32, torch.float16),
-    (torch.float32, torch.bfloat16),
-    (torch.bfloat16, torch.bfloat16),
-]
+DTYPES = NCE_DTYPES
 # (B, K, D, N). The op's plan depends on the draws per bank row, B*K / N: above 4 a GEMM against the
 # whole bank (float32/float64 banks), above 1 the pairs grouped by row, else the rows gathered.
 DENSE_SHAPES = [(4, 50, 37, 20), (3, 7, 1, 5), (2, 600, 20, 100)]

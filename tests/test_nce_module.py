@@ -135,6 +135,36 @@ def test_module_matches_original_step_by_step(use_softmax, intra_neg):
         assert ours.params[2] > 0 and ours.params[3] > 0
 
 
+@pytest.mark.parametrize("intra_neg", [True, False])
+def test_softmax_losses_match_original_step_by_step(intra_neg):
+    # the fused loss path: per-sample losses whose mean is the original's loss, same gradients and banks
+    ref, ours = _pair(True, intra_neg)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(4):
+        y, idx, net, x = _step_inputs(step, gen)
+        w_ref, w_ours = net.clone().requires_grad_(), net.clone().requires_grad_()
+        l, ab, neg = (x[i] @ w_ref[i] for i in range(3))
+        out_l, out_ab = ref(l, ab, neg.detach(), y, idx)
+        ref_l, ref_ab = original_softmax_loss(out_l), original_softmax_loss(out_ab)
+        (ref_l + ref_ab).backward()
+        l, ab, neg = (x[i] @ w_ours[i] for i in range(3))
+        args = (l, ab, neg.detach(), y) if intra_neg else (l, ab, y)
+        per_l, per_ab = ours.softmax_losses(*args, idx=idx)
+        assert per_l.shape == per_ab.shape == (B,)
+        (per_l.mean() + per_ab.mean()).backward()
+        assert_close(per_l.mean(), ref_l.detach(), rtol=1e-5, atol=1e-5)
+        assert_close(per_ab.mean(), ref_ab.detach(), rtol=1e-5, atol=1e-5)
+        assert_close(w_ours.grad, w_ref.grad, rtol=1e-4, atol=1e-5)
+        for name, buf in ref.named_buffers():
+            assert_close(getattr(ours, name), buf, rtol=1e-5, atol=1e-6, msg=f"{name} at step {step}")
+
+
+def test_softmax_losses_need_softmax():
+    _, ours = _pair(False, True)
+    with pytest.raises(ValueError, match="use_softmax"):
+        ours.softmax_losses(torch.randn(B, D), torch.randn(B, D), torch.randn(B, D), torch.arange(B))
+
+
 def test_original_state_dict_loads_strict():
     for intra_neg, keys in ((True, {"params", "memory_l", "memory_ab", "memory_neg"}), (False, {"params", "memory_l", "memory_ab"})):
         ref = OriginalNCEAverage(D, N, K, intra_neg=intra_neg)

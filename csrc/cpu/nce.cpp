@@ -416,6 +416,245 @@ IIC_INLINE void bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& 
   }
 }
 
+// ---- the fused softmax loss: logits, cross-entropy and its gradient in one pass ------------------------
+//
+// For each sample b and view v the logits s_j = inv_t <row_j, f_b> over the view's sampled rows (column
+// 0 the positive) give loss = logsumexp(s) - s_0 and d loss / d f_b = inv_t (sum_j p_j row_j - row_0),
+// p = softmax(s). Both come from an online softmax: a state (m, z, acc) with m a running shift,
+// z = sum exp(s_j - m) and acc = sum exp(s_j - m) row_j, so every sampled row is read once and the
+// logits are never stored. The shift starts at s_0 (the positive, in every row set) and grows only when
+// a larger logit arrives. States of separate work units merge exactly: (m, z, acc) rescaled to the
+// larger m and added, in unit order.
+
+template <typename acc_t>
+struct SoftmaxState {
+  acc_t* m;    // [2, B]
+  acc_t* z;    // [2, B]
+  acc_t* acc;  // [2, B, D]
+};
+
+template <typename bank_t, typename acc_t>
+struct LossProblem {
+  int64_t B, K1, D;
+  const int64_t* idx;  // [B, K1]
+  acc_t scale;
+  const bank_t* bank[3];  // bank_l, bank_ab, bank_neg (used only when neg)
+  int64_t ld[3];
+  bool neg;
+  const acc_t* feat[2];  // l, ab: [B, D]
+  const acc_t* s0;       // [2, B] logits of the positives
+};
+
+// The four logits of one IIC draw from three rows and two features, each row loaded once:
+// out = {r_ab . fl, r_neg . fl, r_l . fab, r_neg . fab}.
+template <typename T>
+IIC_INLINE void dot_draw(const T* r_l, const T* r_ab, const T* r_neg, const T* fl, const T* fab, int64_t D, T out[4]) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V s0{}, s1{}, s2{}, s3{};
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    const V a = vload(fl + d), b = vload(fab + d), n = vload(r_neg + d);
+    s0 += vload(r_ab + d) * a;
+    s1 += n * a;
+    s2 += vload(r_l + d) * b;
+    s3 += n * b;
+  }
+  T r0 = hsum<T>(s0), r1 = hsum<T>(s1), r2 = hsum<T>(s2), r3 = hsum<T>(s3);
+  for (; d < D; ++d) {
+    r0 += r_ab[d] * fl[d];
+    r1 += r_neg[d] * fl[d];
+    r2 += r_l[d] * fab[d];
+    r3 += r_neg[d] * fab[d];
+  }
+  out[0] = r0;
+  out[1] = r1;
+  out[2] = r2;
+  out[3] = r3;
+}
+
+// acc_l += w0 r_ab + w1 r_neg, acc_ab += w2 r_l + w3 r_neg, each row loaded once.
+template <typename T>
+IIC_INLINE void axpy_draw(T* __restrict acc_l, T* __restrict acc_ab, const T w[4], const T* r_l, const T* r_ab,
+                          const T* r_neg, int64_t D) {
+  constexpr int W = Vec<T>::W;
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    const auto n = vload(r_neg + d);
+    vstore(acc_l + d, vload(acc_l + d) + w[0] * vload(r_ab + d) + w[1] * n);
+    vstore(acc_ab + d, vload(acc_ab + d) + w[2] * vload(r_l + d) + w[3] * n);
+  }
+  for (; d < D; ++d) {
+    acc_l[d] += w[0] * r_ab[d] + w[1] * r_neg[d];
+    acc_ab[d] += w[2] * r_l[d] + w[3] * r_neg[d];
+  }
+}
+
+// x *= c
+template <typename T>
+IIC_INLINE void scale_row(T* __restrict x, T c, int64_t D) {
+  constexpr int W = Vec<T>::W;
+  int64_t d = 0;
+  for (; d + W <= D; d += W) vstore(x + d, c * vload(x + d));
+  for (; d < D; ++d) x[d] *= c;
+}
+
+// out[i] = exp(x[i]), i < n. float: a Cephes-style polynomial on 2^k, 16 values per vector (within 2
+// ulp; below the smallest normal float the result is 0; NaN stays NaN); double: std::exp.
+IIC_INLINE void exp_n(const float* x, float* out, int n) {
+  using V = Vec<float>::type;
+  typedef int32_t VI __attribute__((vector_size(64)));
+  constexpr int W = Vec<float>::W;
+  for (int i = 0; i < n; i += W) {
+    float tmp[W] = {};
+    const int c = std::min(W, n - i);
+    std::memcpy(tmp, x + i, c * sizeof(float));
+    V v;
+    std::memcpy(&v, tmp, sizeof(v));
+    const V lo = v - v - 87.33654f, hi = v - v + 88.0f, zero = v - v;
+    V t = v < lo ? lo : (v > hi ? hi : v);
+    const V fx = t * 1.44269504088896341f + 0.5f;
+    VI k = __builtin_convertvector(fx, VI);  // truncation: floor for fx >= 0, floor + 1 below
+    k = __builtin_convertvector(k, V) > fx ? k - 1 : k;
+    const V fk = __builtin_convertvector(k, V);
+    V r = t - fk * 0.693359375f;
+    r = r - fk * -2.12194440e-4f;
+    V y = zero + 1.9875691500E-4f;
+    y = y * r + 1.3981999507E-3f;
+    y = y * r + 8.3334519073E-3f;
+    y = y * r + 4.1665795894E-2f;
+    y = y * r + 1.6666665459E-1f;
+    y = y * r + 5.0000001201E-1f;
+    y = y * r * r + r + 1.0f;
+    const VI bits = (k + 127) << 23;
+    V p2;
+    std::memcpy(&p2, &bits, sizeof(p2));
+    y = y * p2;
+    y = v < lo ? zero : y;
+    y = v != v ? v : y;
+    std::memcpy(tmp, &y, sizeof(y));
+    std::memcpy(out + i, tmp, c * sizeof(float));
+  }
+}
+
+IIC_INLINE void exp_n(const double* x, double* out, int n) {
+  for (int i = 0; i < n; ++i) out[i] = std::exp(x[i]);
+}
+
+// Raise the shift of a state to mx (> m): z and acc scale by exp(m - mx).
+template <typename acc_t>
+IIC_INLINE void raise_shift(acc_t& m, acc_t& z, acc_t* acc, acc_t mx, int64_t D) {
+  const acc_t c = std::exp(m - mx);
+  z *= c;
+  scale_row(acc, c, D);
+  m = mx;
+}
+
+constexpr int kDrawBlock = 16;  // draws whose exponentials are computed together
+
+// Draws (b[i], r[i]), i < n, added to the states m, z [2, B] and acc [2, B, D] (view l first): bank_ab
+// and bank_neg rows scored against l, bank_l and bank_neg rows against ab. The logits of the block come
+// first, then the shifts are raised where a logit exceeds them, then all exponentials at once (they
+// are independent: the vector unit and the out-of-order core overlap them), then the accumulation.
+// buf: 3 kDrawBlock D values (rows converted from a low-precision bank).
+template <typename bank_t, typename acc_t>
+IIC_INLINE void loss_block(const LossProblem<bank_t, acc_t>& p, const int64_t* bs, const int64_t* rs, int n,
+                           acc_t* buf, acc_t* m, acc_t* z, acc_t* acc, int64_t B) {
+  const int64_t D = p.D;
+  acc_t s[4 * kDrawBlock], w[4 * kDrawBlock];
+  const acc_t* rows[kDrawBlock][3];
+  for (int i = 0; i < n; ++i) {
+    const int64_t b = bs[i], r = rs[i];
+    const acc_t* fl = p.feat[0] + b * D;
+    const acc_t* fab = p.feat[1] + b * D;
+    acc_t* bb = buf + 3 * i * D;
+    const acc_t* r_l = rows[i][0] = load_row(p.bank[0], p.ld[0], r, D, bb);
+    const acc_t* r_ab = rows[i][1] = load_row(p.bank[1], p.ld[1], r, D, bb + D);
+    acc_t* si = s + 4 * i;
+    if (p.neg) {
+      const acc_t* r_neg = rows[i][2] = load_row(p.bank[2], p.ld[2], r, D, bb + 2 * D);
+      dot_draw(r_l, r_ab, r_neg, fl, fab, D, si);
+    } else {
+      const acc_t* a[4] = {r_ab, r_ab, r_l, r_l};
+      const acc_t* f[4] = {fl, fl, fab, fab};
+      dot4(a, f, D, si);  // the duplicates are computed and not used
+    }
+    for (int j = 0; j < 4; ++j) si[j] *= p.scale;
+  }
+  for (int i = 0; i < n; ++i) {
+    const int64_t b = bs[i];
+    const acc_t* si = s + 4 * i;
+    const acc_t mx_l = p.neg ? std::max(si[0], si[1]) : si[0];
+    const acc_t mx_ab = p.neg ? std::max(si[2], si[3]) : si[2];
+    if (mx_l > m[b]) raise_shift(m[b], z[b], acc + b * D, mx_l, D);
+    if (mx_ab > m[B + b]) raise_shift(m[B + b], z[B + b], acc + (B + b) * D, mx_ab, D);
+  }
+  for (int i = 0; i < n; ++i) {
+    const int64_t b = bs[i];
+    for (int j = 0; j < 4; ++j) s[4 * i + j] -= m[j < 2 ? b : B + b];
+  }
+  exp_n(s, w, 4 * n);
+  for (int i = 0; i < n; ++i) {
+    const int64_t b = bs[i];
+    const acc_t* wi = w + 4 * i;
+    acc_t* acc_l = acc + b * D;
+    acc_t* acc_ab = acc + (B + b) * D;
+    if (p.neg) {
+      z[b] += wi[0] + wi[1];
+      z[B + b] += wi[2] + wi[3];
+      axpy_draw(acc_l, acc_ab, wi, rows[i][0], rows[i][1], rows[i][2], D);
+    } else {
+      z[b] += wi[0];
+      z[B + b] += wi[2];
+      axpy1(acc_l, wi[0], rows[i][1], D);
+      axpy1(acc_ab, wi[2], rows[i][0], D);
+    }
+  }
+}
+
+template <typename bank_t, typename acc_t>
+IIC_INLINE void prefetch_draw(const LossProblem<bank_t, acc_t>& p, int64_t r) {
+  for (int j = 0; j < (p.neg ? 3 : 2); ++j) prefetch_row(p.bank[j], p.ld[j], r, p.D);
+}
+
+// Draws (b, k0 .. k1) of one sample into a state laid out for a single sample (B = 1).
+template <typename bank_t, typename acc_t>
+IIC_INLINE void loss_gather_impl(const LossProblem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1,
+                                 acc_t* m, acc_t* z, acc_t* acc, acc_t* buf) {
+  const int64_t* ix = p.idx + b * p.K1;
+  // the state of sample b, addressed as sample 0 of a one-sample problem
+  LossProblem<bank_t, acc_t> q = p;
+  q.feat[0] = p.feat[0] + b * p.D;
+  q.feat[1] = p.feat[1] + b * p.D;
+  const int64_t zeros[kDrawBlock] = {};
+  for (int64_t k = k0; k < k1; k += kDrawBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kDrawBlock, k1 - k));
+    for (int64_t t = k + kDrawBlock; t < std::min(k + 2 * kDrawBlock, k1); ++t) prefetch_draw(p, ix[t]);
+    loss_block(q, zeros, ix + k, n, buf, m, z, acc, 1);
+  }
+}
+
+// Draws of bank rows r0 .. r1 (grouped by row: each touched row read once) into states of all samples.
+template <typename bank_t, typename acc_t>
+IIC_INLINE void loss_rows_impl(const LossProblem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,
+                               acc_t* m, acc_t* z, acc_t* acc, acc_t* buf) {
+  const int32_t* st = g.start.data();
+  const int32_t* pr = g.pair.data();
+  int64_t bs[kDrawBlock], rs[kDrawBlock];
+  int n = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t q = st[r]; q < st[r + 1]; ++q) {
+      bs[n] = g.b_of(pr[q]);
+      rs[n] = r;
+      if (++n == kDrawBlock) {
+        loss_block(p, bs, rs, n, buf, m, z, acc, p.B);
+        n = 0;
+      }
+    }
+  }
+  if (n > 0) loss_block(p, bs, rs, n, buf, m, z, acc, p.B);
+}
+
 #define IIC_NCE_UNITS(NS, ATTR)                                                                           \
   namespace NS {                                                                                          \
   template <typename bank_t, typename acc_t>                                                              \
@@ -436,6 +675,16 @@ IIC_INLINE void bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& 
   ATTR void bwd_rows(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t u0, int64_t u1,         \
                      acc_t* part, acc_t* buf) {                                                           \
     bwd_rows_impl(p, g, u0, u1, part, buf);                                                               \
+  }                                                                                                       \
+  template <typename bank_t, typename acc_t>                                                              \
+  ATTR void loss_gather(const LossProblem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1, acc_t* m,  \
+                        acc_t* z, acc_t* acc, acc_t* buf) {                                               \
+    loss_gather_impl(p, b, k0, k1, m, z, acc, buf);                                                       \
+  }                                                                                                       \
+  template <typename bank_t, typename acc_t>                                                              \
+  ATTR void loss_rows(const LossProblem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,    \
+                      acc_t* m, acc_t* z, acc_t* acc, acc_t* buf) {                                       \
+    loss_rows_impl(p, g, r0, r1, m, z, acc, buf);                                                         \
   }                                                                                                       \
   }
 
@@ -640,6 +889,83 @@ at::Tensor run_backward(const Problem<bank_t, acc_t>& p, int64_t N, const at::Te
   return out.permute({1, 0, 2}).contiguous();
 }
 
+// dst = merge(dst, src) for S states of D values each (m, z: [S]; acc: [S, D]).
+template <typename acc_t>
+void merge_states(acc_t* m, acc_t* z, acc_t* acc, const acc_t* m2, const acc_t* z2, const acc_t* acc2, int64_t S,
+                  int64_t D) {
+  for (int64_t i = 0; i < S; ++i) {
+    if (z2[i] == 0) continue;  // no draws in this unit
+    const acc_t mm = std::max(m[i], m2[i]);
+    const acc_t c1 = std::exp(m[i] - mm), c2 = std::exp(m2[i] - mm);
+    z[i] = z[i] * c1 + z2[i] * c2;
+    acc_t* a = acc + i * D;
+    const acc_t* a2 = acc2 + i * D;
+    for (int64_t d = 0; d < D; ++d) a[d] = a[d] * c1 + a2[d] * c2;
+    m[i] = mm;
+  }
+}
+
+constexpr int64_t kLossPairBlock = 512;  // draws per gather unit
+
+// Fills m, z [2, B] and acc [2, B, D] (m preset to the positives' logits, z and acc zero).
+template <typename bank_t, typename acc_t>
+void run_loss(const LossProblem<bank_t, acc_t>& p, int64_t N, acc_t* m, acc_t* z, acc_t* acc) {
+  const int64_t B = p.B, D = p.D, K1 = p.K1, P = B * K1;
+  const auto opts = acc_options<acc_t>();
+  if (group_rows(P, N) && groupable(B, K1, N)) {
+    const RowGroups g = group_by_row(p.idx, B, K1, K1, N);
+    // fixed units (by shape, not thread count), merged in order: deterministic
+    const int64_t nseg = std::clamp<int64_t>(std::min(N, P) / 2048, 1, 16);
+    const int64_t S = 2 * B;
+    at::Tensor part = at::empty({nseg, S * (D + 2)}, opts);
+    acc_t* pp = part.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, nseg, 1, [&](int64_t s0, int64_t s1) {
+      std::vector<acc_t> buf(3 * kDrawBlock * D);
+      for (int64_t s = s0; s < s1; ++s) {
+        acc_t* um = pp + s * S * (D + 2);
+        acc_t* uz = um + S;
+        acc_t* ua = uz + S;
+        std::copy(m, m + S, um);
+        std::fill(uz, uz + S + S * D, acc_t(0));
+        IIC_NCE_DISPATCH(loss_rows, p, g, N * s / nseg, N * (s + 1) / nseg, um, uz, ua, buf.data());
+      }
+    });
+    for (int64_t s = 0; s < nseg; ++s) {
+      const acc_t* um = pp + s * S * (D + 2);
+      merge_states(m, z, acc, um, um + S, um + 2 * S, S, D);
+    }
+    return;
+  }
+  const int64_t nkb = (K1 + kLossPairBlock - 1) / kLossPairBlock;
+  // unit (b, kb): states of both views of sample b, [nkb, B, 2, D + 2]
+  at::Tensor part = at::empty({nkb, B, 2 * (D + 2)}, opts);
+  acc_t* pp = part.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, B * nkb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(3 * kDrawBlock * D);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nkb, kb = t % nkb;
+      acc_t* um = pp + (kb * B + b) * 2 * (D + 2);
+      acc_t* uz = um + 2;
+      acc_t* ua = uz + 2;
+      um[0] = m[b], um[1] = m[B + b];
+      std::fill(uz, uz + 2 + 2 * D, acc_t(0));
+      IIC_NCE_DISPATCH(loss_gather, p, b, kb * kLossPairBlock, std::min(K1, (kb + 1) * kLossPairBlock), um, uz, ua,
+                       buf.data());
+    }
+  });
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        const acc_t* um = pp + (kb * B + b) * 2 * (D + 2);
+        for (int v = 0; v < 2; ++v) {
+          const int64_t i = v * B + b;
+          merge_states(m + i, z + i, acc + i * D, um + v, um + 2 + v, um + 4 + v * D, 1, D);
+        }
+      }
+    }
+  });
+}
+
 // ---- argument checks -------------------------------------------------------------------------------
 
 
@@ -784,6 +1110,64 @@ std::tuple<at::Tensor, at::Tensor> iic_scores_backward_cpu(const at::Tensor& gra
   return {grads[0].to(dtype, false, true), grads[1].to(dtype, false, true)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> iic_softmax_loss_cpu(
+    const at::Tensor& l, const at::Tensor& ab, const at::Tensor& bank_l, const at::Tensor& bank_ab,
+    const std::optional<at::Tensor>& bank_neg, const at::Tensor& idx, double inv_t) {
+  const IicArgs a = check_iic(l, ab, bank_l, bank_ab, bank_neg, idx);
+  TORCH_CHECK(a.K1 >= 1, "idx must have at least one column (column 0 is the positive), got shape ", idx.sizes());
+  const int64_t B = a.B, D = a.D, K1 = a.K1;
+  const auto acc = acc_type_of(l.scalar_type(), bank_l.scalar_type());
+  const auto opts = l.options().dtype(acc);
+  at::Tensor loss = at::empty({2, B}, opts);
+  at::Tensor grad = at::empty({2, B, D}, opts);
+  if (B > 0) {
+    const at::Tensor fl = l.to(acc).contiguous(), fab = ab.to(acc).contiguous(), ix = idx.contiguous();
+    const at::Tensor bl = rows_of(bank_l), bab = rows_of(bank_ab);
+    const std::optional<at::Tensor> bneg =
+        bank_neg.has_value() ? std::optional<at::Tensor>(rows_of(*bank_neg)) : std::nullopt;
+    dispatch_bank(bl.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
+      using bank_t = decltype(bank_v);
+      using acc_t = decltype(acc_v);
+      LossProblem<bank_t, acc_t> p{};
+      p.B = B, p.K1 = K1, p.D = D, p.idx = ix.const_data_ptr<int64_t>(), p.scale = static_cast<acc_t>(inv_t);
+      p.bank[0] = bl.const_data_ptr<bank_t>(), p.ld[0] = bl.stride(0);
+      p.bank[1] = bab.const_data_ptr<bank_t>(), p.ld[1] = bab.stride(0);
+      p.bank[2] = bneg.has_value() ? bneg->const_data_ptr<bank_t>() : nullptr;
+      p.ld[2] = bneg.has_value() ? bneg->stride(0) : 0;
+      p.neg = bneg.has_value();
+      p.feat[0] = fl.const_data_ptr<acc_t>(), p.feat[1] = fab.const_data_ptr<acc_t>();
+      // the positives: logits s_0 and rows, view l against bank_ab, view ab against bank_l
+      std::vector<acc_t> s0(2 * B), z(2 * B, acc_t(0)), pos(2 * B * D);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t y = p.idx[b * K1];
+        for (int v = 0; v < 2; ++v) {
+          const bank_t* src = p.bank[1 - v] + y * p.ld[1 - v];
+          acc_t* row = pos.data() + (v * B + b) * D;
+          for (int64_t d = 0; d < D; ++d) row[d] = static_cast<acc_t>(src[d]);
+          acc_t s = 0;
+          for (int64_t d = 0; d < D; ++d) s += row[d] * p.feat[v][b * D + d];
+          s0[v * B + b] = s * p.scale;
+        }
+      }
+      p.s0 = s0.data();
+      std::vector<acc_t> m(s0);
+      acc_t* g = grad.mutable_data_ptr<acc_t>();
+      std::fill(g, g + 2 * B * D, acc_t(0));
+      run_loss(p, a.N, m.data(), z.data(), g);
+      acc_t* ls = loss.mutable_data_ptr<acc_t>();
+      for (int64_t i = 0; i < 2 * B; ++i) {
+        ls[i] = m[i] + std::log(z[i]) - s0[i];
+        const acc_t inv_z = acc_t(1) / z[i];
+        acc_t* gi = g + i * D;
+        const acc_t* row = pos.data() + i * D;
+        for (int64_t d = 0; d < D; ++d) gi[d] = p.scale * (gi[d] * inv_z - row[d]);
+      }
+    });
+  }
+  // four separate tensors (views of one buffer would alias)
+  return {loss[0].clone(), loss[1].clone(), grad[0].clone(), grad[1].clone()};
+}
+
 template <typename bank_t, typename acc_t>
 void update_rows(const at::Tensor& bank, const std::vector<int64_t>& rows, const std::vector<int64_t>& src,
                  const at::Tensor& feat, acc_t m) {
@@ -848,6 +1232,7 @@ TORCH_LIBRARY_IMPL(iic_ext, CPU, m) {
   m.impl("iic_scores", &iic_scores_cpu);
   m.impl("_iic_scores_backward", &iic_scores_backward_cpu);
   m.impl("bank_update_", &bank_update_cpu);
+  m.impl("iic_softmax_loss", &iic_softmax_loss_cpu);
 }
 
 }  // namespace iic_ext

@@ -4,7 +4,7 @@ The pure-PyTorch twin of every op is in :mod:`iic_ext.ops.reference`.
 """
 from . import indices, reference
 from ._library import HAS_C
-from .nce import bank_scores, bank_update_, iic_scores
+from .nce import bank_scores, bank_update_, iic_scores, iic_softmax_loss
 from .indices import permute_index, repeat_index, reverse_index, shuffle_index, swap_index
 from .views import iic_views, repeat_negative, residual_frames, shuffle_negative, temporal_gather
 
@@ -24,5 +24,6 @@ __all__ = [
     "reverse_index",
     "bank_scores",
     "iic_scores",
+    "iic_softmax_loss",
     "bank_update_",
 ]

@@ -59,6 +59,41 @@ def iic_scores(
     return reference.iic_scores(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t))
 
 
+def iic_softmax_loss(
+    l: torch.Tensor,
+    ab: torch.Tensor,
+    bank_l: torch.Tensor,
+    bank_ab: torch.Tensor,
+    bank_neg: Optional[torch.Tensor],
+    idx: torch.Tensor,
+    inv_t: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample softmax cross-entropy (label 0) of the two views' IIC logits, in one pass.
+
+    The same value as ``F.cross_entropy(out, 0, reduction="none")`` on each output of
+    :func:`iic_scores`, but on the CPU the logits are never stored: an online softmax runs over the
+    sampled rows (each touched row read once) and yields the loss and its gradient together, so the
+    backward only scales the saved gradient. On other devices it is :func:`iic_scores` followed by
+    ``cross_entropy``.
+
+    Args:
+        l, ab (Tensor[B, D]): the two views' features (same dtype).
+        bank_l, bank_ab (Tensor[N, D]): memory banks of the two views (same dtype).
+        bank_neg (Tensor[N, D] or None): the intra-negative bank (None: the CMC form).
+        idx (Tensor[B, K+1], int64): sampled rows, column 0 the positive.
+        inv_t: 1 / temperature.
+
+    Returns:
+        (loss_l, loss_ab): Tensor[B] each, float32 (float64 when l or the banks are float64).
+        Differentiable with respect to l and ab. ``exp(-loss)`` is the positive's softmax probability.
+    """
+    if use_compiled() and l.device.type == "cpu":
+        loss_l, loss_ab, _, _ = torch.ops.iic_ext.iic_softmax_loss(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t))
+        return loss_l, loss_ab
+    scores = iic_scores if HAS_C else reference.iic_scores
+    return reference.iic_softmax_loss(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t), scores=scores)
+
+
 def bank_update_(bank: torch.Tensor, idx: torch.Tensor, feat: torch.Tensor, momentum: float) -> torch.Tensor:
     """``bank[y] = normalize(m * bank[y] + (1 - m) * feat[b])`` for ``y = idx[b]``, in place, one pass.
 
@@ -150,6 +185,34 @@ if HAS_C:
         return gl, gab, None, None, None, None, None
 
     torch.library.register_autograd("iic_ext::iic_scores", _iic_scores_grad, setup_context=_iic_scores_setup)
+
+    @torch.library.register_fake("iic_ext::iic_softmax_loss")
+    def _iic_softmax_loss_fake(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t=1.0):
+        _same_device(("l", l), ("ab", ab), ("bank_l", bank_l), ("bank_ab", bank_ab), ("bank_neg", bank_neg), ("idx", idx))
+        dt = torch.float64 if torch.float64 in (l.dtype, bank_l.dtype) else torch.float32
+        B, D = l.shape
+        return l.new_empty((B,), dtype=dt), l.new_empty((B,), dtype=dt), l.new_empty((B, D), dtype=dt), l.new_empty((B, D), dtype=dt)
+
+    def _iic_softmax_loss_setup(ctx, inputs, output):
+        l, ab = inputs[0], inputs[1]
+        _, _, grad_l, grad_ab = output
+        ctx.mark_non_differentiable(grad_l, grad_ab)
+        ctx.save_for_backward(grad_l, grad_ab)
+        ctx.dtypes = (l.dtype, ab.dtype)
+
+    def _iic_softmax_loss_grad(ctx, g_l, g_ab, _g_dl, _g_dab):
+        # the forward already holds d loss / d feature per sample: scale it by the incoming gradient
+        grad_l, grad_ab = ctx.saved_tensors
+        gl = gab = None
+        if ctx.needs_input_grad[0]:
+            gl = (grad_l * g_l.unsqueeze(1)).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            gab = (grad_ab * g_ab.unsqueeze(1)).to(ctx.dtypes[1])
+        return gl, gab, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "iic_ext::iic_softmax_loss", _iic_softmax_loss_grad, setup_context=_iic_softmax_loss_setup
+    )
 
     @torch.library.register_fake("iic_ext::bank_update_")
     def _bank_update_fake(bank, idx, feat, momentum):

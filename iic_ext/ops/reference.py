@@ -201,6 +201,42 @@ def iic_scores_dense(
     return (out_l * inv_t).to(l.dtype), (out_ab * inv_t).to(ab.dtype)
 
 
+def _loss_dtype(l: torch.Tensor, bank: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (l.dtype, bank.dtype) else torch.float32
+
+
+def iic_softmax_loss(
+    l: torch.Tensor,
+    ab: torch.Tensor,
+    bank_l: torch.Tensor,
+    bank_ab: torch.Tensor,
+    bank_neg: Optional[torch.Tensor],
+    idx: torch.Tensor,
+    inv_t: float = 1.0,
+    scores=None,
+):
+    """Per-sample softmax cross-entropy (label 0) of both views' IIC logits, as the original trains.
+
+    ``loss_l = CE([bank_ab[idx] | bank_neg[idx]] . l * inv_t, 0)`` and likewise for ab: the logits of
+    :func:`iic_scores` (or ``scores``, e.g. :func:`iic_scores_dense`) followed by
+    ``F.cross_entropy(..., reduction="none")``, computed in float32 (float64 when l or the banks are).
+
+    Returns:
+        (loss_l, loss_ab): Tensor[B] each, float32 or float64. Differentiable with respect to l and ab.
+    """
+    dt = _loss_dtype(l, bank_l)
+    scores = iic_scores if scores is None else scores
+    out_l, out_ab = scores(l.to(dt), ab.to(dt), bank_l, bank_ab, bank_neg, idx, inv_t)
+    zero = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)
+    return (torch.nn.functional.cross_entropy(out_l, zero, reduction="none"),
+            torch.nn.functional.cross_entropy(out_ab, zero, reduction="none"))
+
+
+def iic_softmax_loss_dense(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t: float = 1.0):
+    """:func:`iic_softmax_loss` on the logits of :func:`iic_scores_dense` (GEMMs against whole banks)."""
+    return iic_softmax_loss(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t, scores=iic_scores_dense)
+
+
 def bank_update_(bank: torch.Tensor, idx: torch.Tensor, feat: torch.Tensor, momentum: float) -> torch.Tensor:
     """``bank[y] = normalize(m * bank[y] + (1 - m) * feat)`` in place, as the original.
 
