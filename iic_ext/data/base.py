@@ -143,9 +143,9 @@ class ClipDataset(Dataset):
                 frames = self._load(index, modality, needed, self.resize)
             else:
                 frames = self._load(index, modality, needed, self.resize, box=box)
-            lookup = {f: k for k, f in enumerate(needed)}
-            video = torch.from_numpy(np.stack([frames[f] for f in needed]))  # [F, H, W, 3]
-            h, w = video.shape[1:3]
+            h, w = frames[needed[0]].shape[:2]
+            if any(a.shape[:2] != (h, w) for a in frames.values()):
+                raise DataError(self._describe(index), f"{modality} frames of different sizes (set resize=)")
             if crops is None:
                 crops = [self._crop(h, w, g) for _ in range(N)]
                 size = (h, w)
@@ -154,8 +154,10 @@ class ClipDataset(Dataset):
                                                        f"frames {size[0]}x{size[1]} (set resize=)")
             clips = []
             for clip, crop in zip(indices, crops):
-                sel = video[[lookup[f] for f in clip]]  # [T, H, W, 3]
-                sel = sel.permute(3, 0, 1, 2)
+                # frames in clip order: [T, H, W, 3], or [T, H, W] for single-channel (flow) frames,
+                # broadcast to 3 channels by the one copy that also moves channels first
+                sel = torch.from_numpy(np.stack([frames[f] for f in clip]))
+                sel = sel.permute(3, 0, 1, 2) if sel.dim() == 4 else sel.unsqueeze(0).expand(3, -1, -1, -1)
                 if box is not None:  # already cropped by the decoder; only a flip is left
                     sel = sel.flip(-1) if crop.flip else sel
                 elif crop:

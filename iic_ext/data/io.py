@@ -45,18 +45,28 @@ def _draft(img, mode: str, size: tuple[int, int]) -> None:
 
 def _resize(img, size, box):
     """Resize ``img`` to ``size`` (H, W), or only the region ``box`` = (top, left, h, w) of that resized
-    image: resampling just the crop gives the same pixels (to a rounding step) for less work."""
+    image: resampling just the crop gives the same pixels (to a rounding step) for less work. An axis
+    that keeps its size is cropped before resampling, so the filter runs along the other axis only
+    (the same pixels: a unit-scale bilinear pass is the identity)."""
     if box is None:
         if (img.height, img.width) != tuple(size):
             img = img.resize((size[1], size[0]), Image.BILINEAR)
         return img
     top, left, h, w = box
+    same_h, same_w = img.height == size[0], img.width == size[1]
+    if same_h or same_w:
+        img = img.crop((left if same_w else 0, top if same_h else 0,
+                        left + w if same_w else img.width, top + h if same_h else img.height))
+        if same_h and same_w:
+            return img
+        top, left = (0 if same_h else top), (0 if same_w else left)
+        size = (h if same_h else size[0], w if same_w else size[1])
     sy, sx = img.height / size[0], img.width / size[1]
     return img.resize((w, h), Image.BILINEAR, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
 
 
 def read_image(path: str, size: tuple[int, int] | None, gray: bool = False, draft: bool = True,
-               box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+               box: tuple[int, int, int, int] | None = None, replicate: bool = True) -> np.ndarray:
     """Decode one image to ``uint8 [H, W, 3]`` (gray images are replicated to 3 channels).
 
     Args:
@@ -65,13 +75,17 @@ def read_image(path: str, size: tuple[int, int] | None, gray: bool = False, draf
         gray: decode as a single channel (optical-flow frames).
         draft: allow JPEG DCT-scaled decoding when the source is (nearly) twice ``size`` or more.
         box: ``(top, left, h, w)``: return only this crop of the resized image (requires ``size``).
+        replicate: with ``gray``, False returns ``uint8 [H, W]`` (one channel, to be broadcast later).
     """
     mode = "L" if gray else "RGB"
     try:
         with Image.open(path) as img:
             if draft and size is not None and img.format == "JPEG":
                 _draft(img, mode, size)
-            img = img.convert(mode)
+            if img.mode != mode:
+                img = img.convert(mode)
+            else:
+                img.load()
             if size is not None:
                 img = _resize(img, size, box)
             arr = np.asarray(img)
@@ -79,17 +93,19 @@ def read_image(path: str, size: tuple[int, int] | None, gray: bool = False, draf
         raise MissingDataError(path, "frame not found") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise CorruptDataError(path, f"cannot decode image ({exc})") from exc
-    if gray:
+    if gray and replicate:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     return arr
 
 
 def read_frames(folder: str, names: Sequence[str], indices: Iterable[int], size: tuple[int, int] | None,
-                gray: bool = False, draft: bool = True, box=None) -> dict[int, np.ndarray]:
-    """Decode the frames ``names[i]`` for the distinct ``indices``; returns ``{i: uint8 [H, W, 3]}``."""
+                gray: bool = False, draft: bool = True, box=None, replicate: bool = True) -> dict[int, np.ndarray]:
+    """Decode the frames ``names[i]`` for the distinct ``indices``; returns ``{i: uint8 [H, W, 3]}``
+    (``[H, W]`` for gray frames with ``replicate=False``)."""
     out = {}
     for i in sorted(set(indices)):
-        out[i] = read_image(os.path.join(folder, names[i]), size, gray=gray, draft=draft, box=box)
+        out[i] = read_image(os.path.join(folder, names[i]), size, gray=gray, draft=draft, box=box,
+                            replicate=replicate)
     return out
 
 

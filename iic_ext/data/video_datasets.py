@@ -152,4 +152,4 @@ class VideoClipDataset(ClipDataset):
             return read_video_frames(self.video_path(index), frames, size, box=box)
         names = self._frame_names(index)
         return read_frames(self.video_path(index, modality), names, frames, size, gray=modality != "rgb",
-                           draft=self.fast_jpeg, box=box)
+                           draft=self.fast_jpeg, box=box, replicate=False)
