@@ -319,3 +319,21 @@ def test_fixed_sampling_on_the_training_list_is_centre_cropped_and_epoch_indepen
     assert len(crops) > 1
     with pytest.raises(ValueError, match="sampling"):
         build_dataset("synthetic", sampling="bogus")
+
+
+@pytest.mark.parametrize("src,size", [((128, 170), (128, 171)), ((120, 171), (128, 171)), ((128, 171), (128, 171)),
+                                      ((100, 150), (128, 171))])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_decoder_crop_equals_box_resample(src, size, mode):
+    # a unit-scale axis is cropped instead of resampled: exactly the pixels of PIL's box resample
+    from iic_ext.data.io import _resize
+
+    rng = np.random.default_rng(0)
+    shape = src + ((3,) if mode == "RGB" else ())
+    img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+    for top, left, h, w in ((0, 0, 112, 112), (16, 59, 112, 112), (7, 3, 50, 90)):
+        sy, sx = img.height / size[0], img.width / size[1]
+        want = img.resize((w, h), Image.BILINEAR, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+        got = _resize(img, size, (top, left, h, w))
+        assert got.size == (w, h)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), (top, left, h, w)

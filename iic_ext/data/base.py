@@ -31,7 +31,8 @@ class ClipDataset(Dataset):
     crops_in_decoder = False
 
     """Base of the clip datasets. Subclasses provide ``classes``, ``labels``, ``_length(i)``,
-    ``_describe(i)`` and ``_load(i, modality, frame_indices, size) -> {frame: uint8 [H, W, 3]}``.
+    ``_describe(i)`` and ``_load(i, modality, frame_indices, size) -> {frame: uint8 [H, W, 3]}`` (or
+    ``[H, W]`` for a single-channel modality, broadcast to 3 channels when the clip is assembled).
 
     Items are dicts: ``{modality: uint8 [C, T, H, W]}`` (``[N, C, T, H, W]`` when
     ``clips_per_video = N > 1``), ``"label"`` (0-based int) and ``"index"`` (int, the position of the
