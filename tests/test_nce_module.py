@@ -159,6 +159,29 @@ def test_softmax_losses_match_original_step_by_step(intra_neg):
             assert_close(getattr(ours, name), buf, rtol=1e-5, atol=1e-6, msg=f"{name} at step {step}")
 
 
+def test_softmax_losses_without_fused_kernel(monkeypatch):
+    # where no fused loss kernel exists (CUDA), softmax_losses is forward's logits + cross-entropy
+    import iic_ext.nce as nce_module
+
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(nce_module, "HAS_C", fused)
+        _, ours = _pair(True, True)
+        gen = torch.Generator().manual_seed(5)
+        steps = []
+        for step in range(3):
+            y, idx, net, x = _step_inputs(step, gen)
+            w = net.clone().requires_grad_()
+            l, ab, neg = (x[i] @ w[i] for i in range(3))
+            per_l, per_ab = ours.softmax_losses(l, ab, neg.detach(), y, idx=idx)
+            (per_l.mean() + 2 * per_ab.mean()).backward()
+            steps.append((per_l.detach(), per_ab.detach(), w.grad, ours.memory_neg.clone()))
+        results.append(steps)
+    for a, b in zip(*results):
+        for u, v in zip(a, b):
+            assert_close(u, v, rtol=1e-4, atol=1e-5)
+
+
 def test_softmax_losses_need_softmax():
     _, ours = _pair(False, True)
     with pytest.raises(ValueError, match="use_softmax"):

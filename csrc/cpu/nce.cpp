@@ -938,7 +938,7 @@ void run_loss(const LossProblem<bank_t, acc_t>& p, int64_t N, acc_t* m, acc_t* z
   if (group_rows(P, N) && groupable(B, K1, N)) {
     const RowGroups g = group_by_row(p.idx, B, K1, K1, N);
     // fixed units (by shape, not thread count), merged in order: deterministic
-    const int64_t nseg = std::clamp<int64_t>(std::min(N, P) / 2048, 1, 16);
+    const int64_t nseg = std::clamp<int64_t>(std::min(N, P) / 512, 1, 16);
     const int64_t S = 2 * B;
     at::Tensor part = at::empty({nseg, S * (D + 2)}, opts);
     acc_t* pp = part.mutable_data_ptr<acc_t>();
