@@ -135,10 +135,14 @@ class CMakeBuild(build_ext):
         # source folder ahead of site-packages; give it the same library so it never runs without it.
         src_copy = ROOT / "iic_ext" / out.name
         if src_copy.resolve() != out and (ROOT / "iic_ext").is_dir():
+            # a new file renamed over the old one: a process that has the old library loaded keeps
+            # its mapping (copying over it in place would change code under a running program)
+            tmp = src_copy.with_name(src_copy.name + ".tmp")
             try:
-                shutil.copy2(out, src_copy)
+                shutil.copy2(out, tmp)
+                os.replace(tmp, src_copy)
             except OSError:
-                pass
+                tmp.unlink(missing_ok=True)
 
 
 setup(
