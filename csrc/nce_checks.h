@@ -43,6 +43,40 @@ inline void dispatch_bank(at::ScalarType bank, at::ScalarType acc, F&& f) {
   });
 }
 
+// The arguments of bank_scores: feat [B, D], bank [N, D], idx [B, K] in [0, N).
+inline void check_bank_scores(const at::Tensor& feat, const at::Tensor& bank, const at::Tensor& idx) {
+  check_matrix(feat, "feat", "[B, D]");
+  check_same_device(feat, "feat", bank, "bank");
+  check_same_device(feat, "feat", idx, "idx");
+  check_bank(bank, "bank", feat.size(1), "feat");
+  check_idx2(idx, feat.size(0), bank.size(0), "rows of bank");
+}
+
+// The arguments of _bank_scores_backward: grad [B, K] like idx, bank [N, D], a floating dtype.
+inline void check_bank_scores_backward(const at::Tensor& grad, const at::Tensor& bank, const at::Tensor& idx,
+                                       at::ScalarType dtype) {
+  check_matrix(grad, "grad", "[B, K]");
+  check_float_dtype(dtype, "dtype");
+  check_same_device(grad, "grad", bank, "bank");
+  check_same_device(grad, "grad", idx, "idx");
+  check_matrix(bank, "bank", "[N, D]");
+  check_idx2(idx, grad.size(0), bank.size(0), "rows of bank");
+  TORCH_CHECK(grad.size(1) == idx.size(1), "grad must be [B, K] like idx ", idx.sizes(), ", got ", grad.sizes());
+}
+
+// The arguments of bank_update_: bank [N, D], idx [B] in [0, N), feat [B, D].
+inline void check_bank_update(const at::Tensor& bank, const at::Tensor& idx, const at::Tensor& feat) {
+  check_matrix(bank, "bank", "[N, D]");
+  check_matrix(feat, "feat", "[B, D]");
+  check_same_device(bank, "bank", feat, "feat");
+  check_same_device(bank, "bank", idx, "idx");
+  TORCH_CHECK(feat.size(1) == bank.size(1), "feat has D = ", feat.size(1), " but bank rows have D = ", bank.size(1));
+  TORCH_CHECK(idx.dim() == 1, "idx must be [B], got shape ", idx.sizes());
+  TORCH_CHECK(idx.size(0) == feat.size(0), "idx must have one entry per row of feat: feat has B = ", feat.size(0),
+              ", idx has ", idx.size(0));
+  check_index(idx, bank.size(0), "idx", "rows of bank");
+}
+
 struct IicArgs {
   int64_t B, K1, D, N;
   bool neg;

@@ -257,11 +257,7 @@ const dim3 kTileBlock(kWarp, kChunks);
 // ---- ops -------------------------------------------------------------------------------------------
 
 at::Tensor bank_scores_cuda(const at::Tensor& feat, const at::Tensor& bank, const at::Tensor& idx) {
-  check_matrix(feat, "feat", "[B, D]");
-  check_same_device(feat, "feat", bank, "bank");
-  check_same_device(feat, "feat", idx, "idx");
-  check_bank(bank, "bank", feat.size(1), "feat");
-  check_idx2(idx, feat.size(0), bank.size(0), "rows of bank");
+  check_bank_scores(feat, bank, idx);
   c10::cuda::CUDAGuard device_guard(feat.device());
   const int64_t B = feat.size(0), K = idx.size(1), D = feat.size(1);
   const auto acc = acc_type_of(feat.scalar_type(), bank.scalar_type());
@@ -284,13 +280,7 @@ at::Tensor bank_scores_cuda(const at::Tensor& feat, const at::Tensor& bank, cons
 
 at::Tensor bank_scores_backward_cuda(const at::Tensor& grad, const at::Tensor& bank, const at::Tensor& idx,
                                      at::ScalarType dtype) {
-  check_matrix(grad, "grad", "[B, K]");
-  check_float_dtype(dtype, "dtype");
-  check_same_device(grad, "grad", bank, "bank");
-  check_same_device(grad, "grad", idx, "idx");
-  check_matrix(bank, "bank", "[N, D]");
-  check_idx2(idx, grad.size(0), bank.size(0), "rows of bank");
-  TORCH_CHECK(grad.size(1) == idx.size(1), "grad must be [B, K] like idx ", idx.sizes(), ", got ", grad.sizes());
+  check_bank_scores_backward(grad, bank, idx, dtype);
   c10::cuda::CUDAGuard device_guard(grad.device());
   const int64_t B = grad.size(0), K = idx.size(1), D = bank.size(1);
   const auto acc = acc_type_of(dtype, bank.scalar_type());
@@ -375,15 +365,7 @@ std::tuple<at::Tensor, at::Tensor> iic_scores_backward_cuda(const at::Tensor& gr
 }
 
 void bank_update_cuda(const at::Tensor& bank, const at::Tensor& idx, const at::Tensor& feat, double momentum) {
-  check_matrix(bank, "bank", "[N, D]");
-  check_matrix(feat, "feat", "[B, D]");
-  check_same_device(bank, "bank", feat, "feat");
-  check_same_device(bank, "bank", idx, "idx");
-  TORCH_CHECK(feat.size(1) == bank.size(1), "feat has D = ", feat.size(1), " but bank rows have D = ", bank.size(1));
-  TORCH_CHECK(idx.dim() == 1, "idx must be [B], got shape ", idx.sizes());
-  TORCH_CHECK(idx.size(0) == feat.size(0), "idx must have one entry per row of feat: feat has B = ", feat.size(0),
-              ", idx has ", idx.size(0));
-  check_index(idx, bank.size(0), "idx", "rows of bank");
+  check_bank_update(bank, idx, feat);
   const int64_t B = feat.size(0), D = bank.size(1);
   if (B == 0 || D == 0) return;
   c10::cuda::CUDAGuard device_guard(bank.device());
