@@ -19,6 +19,7 @@ Each call returns the same two gradients and leaves the same banks as the rows a
 Floor: a kernel must read at least the sampled rows of the three banks once, or each whole bank once
 when that is smaller, so ``floor = min(3 B (K + 1) D, 3 N D) * itemsize / bandwidth``.
 """
+import functools
 from typing import List
 
 import torch
@@ -41,23 +42,28 @@ def _banks(N, D, device, g):
     return [F.normalize(b, dim=1).to(device) for b in banks]
 
 
-def _make_step(scores, update, l, ab, neg, banks, idx, y):
-    bank_l, bank_ab, bank_neg = banks
-    zero = torch.zeros(l.shape[0], dtype=torch.long, device=l.device)
-
-    def step():
-        out_l, out_ab = scores(l, ab, bank_l, bank_ab, bank_neg, idx, 1.0 / TEMPERATURE)
-        loss = F.cross_entropy(out_l, zero) + F.cross_entropy(out_ab, zero)
-        grads = torch.autograd.grad(loss, (l, ab))
-        update(bank_l, y, l.detach(), MOMENTUM)
-        update(bank_ab, y, ab.detach(), MOMENTUM)
-        update(bank_neg, y, neg, MOMENTUM)
-        return grads
-
-    return step
+def _logits_then_ce(scores):
+    """Per-sample cross-entropy of the logits ``scores`` returns: a logits op followed by ``cross_entropy``."""
+    return functools.partial(reference.iic_softmax_loss, scores=scores)
 
 
-def _make_loss_step(losses, update, l, ab, neg, banks, idx, y):
+def _arms():
+    """Row name -> arm -> (per-sample losses of both views, bank update)."""
+    return {
+        "iic_scores fwd+bwd+update": {
+            "fused": (_logits_then_ce(ops.iic_scores), ops.bank_update_),
+            "original": (_logits_then_ce(reference.iic_scores), reference.bank_update_),
+            "dense": (_logits_then_ce(reference.iic_scores_dense), reference.bank_update_),
+        },
+        "iic_softmax_loss fwd+bwd+update": {
+            "fused": (ops.iic_softmax_loss, ops.bank_update_),
+            "original": (reference.iic_softmax_loss, reference.bank_update_),
+            "dense": (reference.iic_softmax_loss_dense, reference.bank_update_),
+        },
+    }
+
+
+def _make_step(losses, update, l, ab, neg, banks, idx, y):
     bank_l, bank_ab, bank_neg = banks
 
     def step():
@@ -84,8 +90,9 @@ def _check(l, ab, banks, idx):
 
 
 def run(cfg: Config):
-    if not hasattr(ops, "iic_scores") or not hasattr(reference, "iic_scores_dense"):
-        raise ImportError("the NCE ops (iic_ext.ops.iic_scores, reference.iic_scores_dense) are not in this checkout")
+    if not hasattr(ops, "iic_softmax_loss") or not hasattr(reference, "iic_softmax_loss_dense"):
+        raise ImportError("the NCE ops (iic_ext.ops.iic_softmax_loss, reference.iic_softmax_loss_dense) are not in "
+                          "this checkout")
     rows: List[dict] = []
     notes = []
     configs = CONFIGS[:1] if cfg.quick else CONFIGS
@@ -102,25 +109,13 @@ def run(cfg: Config):
         idx = torch.randint(0, N, (B, K + 1), generator=g).to(cfg.device)
         idx[:, 0] = y
         _check(l, ab, banks, idx)
-        # every arm updates its own copy of the banks, so the rows each reads stay alike
-        arms = {
-            "fused": _make_step(ops.iic_scores, ops.bank_update_, l, ab, neg, [b.clone() for b in banks], idx, y),
-            "original": _make_step(reference.iic_scores, reference.bank_update_, l, ab, neg, [b.clone() for b in banks], idx, y),
-            "dense": _make_step(reference.iic_scores_dense, reference.bank_update_, l, ab, neg, [b.clone() for b in banks], idx, y),
-        }
         item = banks[0].element_size()
         floor = min(3 * B * (K + 1) * D, 3 * N * D) * item + 3 * 2 * B * D * item
-        rows += compare(cfg, "nce", "iic_scores fwd+bwd+update", (B, K, D, N), banks[0].dtype, arms, floor,
-                        variant=f"B={B} K={K} D={D} N={N}")
-        del arms
-        arms = {
-            "fused": _make_loss_step(ops.iic_softmax_loss, ops.bank_update_, l, ab, neg, [b.clone() for b in banks], idx, y),
-            "original": _make_loss_step(reference.iic_softmax_loss, reference.bank_update_, l, ab, neg,
-                                        [b.clone() for b in banks], idx, y),
-            "dense": _make_loss_step(reference.iic_softmax_loss_dense, reference.bank_update_, l, ab, neg,
-                                     [b.clone() for b in banks], idx, y),
-        }
-        rows += compare(cfg, "nce", "iic_softmax_loss fwd+bwd+update", (B, K, D, N), banks[0].dtype, arms, floor,
-                        variant=f"B={B} K={K} D={D} N={N}")
+        for name, arm_fns in _arms().items():
+            # every arm updates its own copy of the banks, so the rows each reads stay alike
+            arms = {arm: _make_step(losses, update, l, ab, neg, [b.clone() for b in banks], idx, y)
+                    for arm, (losses, update) in arm_fns.items()}
+            rows += compare(cfg, "nce", name, (B, K, D, N), banks[0].dtype, arms, floor,
+                            variant=f"B={B} K={K} D={D} N={N}")
         del arms, banks
     return rows, notes

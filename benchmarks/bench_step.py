@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from iic_ext import ops
 from iic_ext.ops import indices, reference
 
+from . import bench_nce
 from .harness import Config, compare, time_arms
 
 N, K, D = 9537, 1024, 512
-TEMPERATURE, MOMENTUM = 0.07, 0.5
+TEMPERATURE, MOMENTUM = bench_nce.TEMPERATURE, bench_nce.MOMENTUM
 
 
 class IICStep:
@@ -68,16 +69,7 @@ def _nce_only(losses, update, banks, B, device, g, idx, y):
     l = F.relu(torch.randn(B, D, generator=g)).to(device).requires_grad_()
     ab = F.relu(torch.randn(B, D, generator=g)).to(device).requires_grad_()
     neg = F.relu(torch.randn(B, D, generator=g)).to(device)
-
-    def fn():
-        loss_l, loss_ab = losses(l, ab, *banks, idx, 1.0 / TEMPERATURE)
-        loss = loss_l.mean() + loss_ab.mean()
-        grads = torch.autograd.grad(loss, (l, ab))
-        for bank, f in zip(banks, (l.detach(), ab.detach(), neg)):
-            update(bank, y, f, MOMENTUM)
-        return grads
-
-    return fn
+    return bench_nce._make_step(losses, update, l, ab, neg, banks, idx, y)
 
 
 def run(cfg: Config):

@@ -248,9 +248,9 @@ def _autocast(device: torch.device, args):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _positive_prob(out: torch.Tensor, softmax: bool) -> torch.Tensor:
-    out = out.detach().reshape(out.shape[0], -1).float()
-    return (out.softmax(1)[:, 0] if softmax else out[:, 0]).mean()
+def _positive_prob(out: torch.Tensor) -> torch.Tensor:
+    """Mean probability of the positive from NCE-path outputs [B, C(, 1)] (already probabilities)."""
+    return out.detach().reshape(out.shape[0], -1)[:, 0].float().mean()
 
 
 def make_views(batch: dict, args, negatives: Optional[_Negatives], device):
@@ -299,7 +299,7 @@ def train_step(model, contrast, criteria, optimizer, batch, args, *, negatives, 
     if args.nce_criterion:
         out_1, out_2 = contrast(*feats, index)
         loss_1, loss_2 = criteria[0](out_1), criteria[1](out_2)
-        prob_1, prob_2 = _positive_prob(out_1, False), _positive_prob(out_2, False)
+        prob_1, prob_2 = _positive_prob(out_1), _positive_prob(out_2)
     else:
         # the softmax loss fused with the scores (criteria are NCESoftmaxLoss: the same value)
         per_1, per_2 = contrast.softmax_losses(*feats, index)

@@ -578,10 +578,11 @@ IIC_INLINE void loss_block(const LossProblem<bank_t, acc_t>& p, const int64_t* b
     if (p.neg) {
       const acc_t* r_neg = rows[i][2] = load_row(p.bank[2], p.ld[2], r, D, bb + 2 * D);
       dot_draw(r_l, r_ab, r_neg, fl, fab, D, si);
-    } else {
-      const acc_t* a[4] = {r_ab, r_ab, r_l, r_l};
-      const acc_t* f[4] = {fl, fl, fab, fab};
-      dot4(a, f, D, si);  // the duplicates are computed and not used
+    } else {  // the CMC form: slots 1 and 3 (the negative bank's) stay unused
+      si[0] = dot1(r_ab, fl, D);
+      si[1] = 0;
+      si[2] = dot1(r_l, fab, D);
+      si[3] = 0;
     }
     for (int j = 0; j < 4; ++j) si[j] *= p.scale;
   }
@@ -998,14 +999,18 @@ void run_loss(const LossProblem<bank_t, acc_t>& p, int64_t N, acc_t* m, acc_t* z
 // A bank as a [N, D] matrix with unit column stride (copied only when its rows are strided).
 at::Tensor rows_of(const at::Tensor& bank) { return bank.stride(1) == 1 || bank.size(1) <= 1 ? bank : bank.contiguous(); }
 
+// The IIC banks as [N, D] matrices with unit column stride; bank_neg stays absent in the CMC form.
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>> iic_banks(const at::Tensor& bank_l,
+                                                                          const at::Tensor& bank_ab,
+                                                                          const std::optional<at::Tensor>& bank_neg) {
+  return {rows_of(bank_l), rows_of(bank_ab),
+          bank_neg.has_value() ? std::optional<at::Tensor>(rows_of(*bank_neg)) : std::nullopt};
+}
+
 // ---- ops -------------------------------------------------------------------------------------------
 
 at::Tensor bank_scores_cpu(const at::Tensor& feat, const at::Tensor& bank, const at::Tensor& idx) {
-  check_matrix(feat, "feat", "[B, D]");
-  check_same_device(feat, "feat", bank, "bank");
-  check_same_device(feat, "feat", idx, "idx");
-  check_bank(bank, "bank", feat.size(1), "feat");
-  check_idx2(idx, feat.size(0), bank.size(0), "rows of bank");
+  check_bank_scores(feat, bank, idx);
   const int64_t B = feat.size(0), K = idx.size(1), D = feat.size(1);
   const auto acc = acc_type_of(feat.scalar_type(), bank.scalar_type());
   at::Tensor out = at::empty({B, K}, feat.options().dtype(acc));
@@ -1029,13 +1034,7 @@ at::Tensor bank_scores_cpu(const at::Tensor& feat, const at::Tensor& bank, const
 
 at::Tensor bank_scores_backward_cpu(const at::Tensor& grad, const at::Tensor& bank, const at::Tensor& idx,
                                     at::ScalarType dtype) {
-  check_matrix(grad, "grad", "[B, K]");
-  check_float_dtype(dtype, "dtype");
-  check_same_device(grad, "grad", bank, "bank");
-  check_same_device(grad, "grad", idx, "idx");
-  check_matrix(bank, "bank", "[N, D]");
-  check_idx2(idx, grad.size(0), bank.size(0), "rows of bank");
-  TORCH_CHECK(grad.size(1) == idx.size(1), "grad must be [B, K] like idx ", idx.sizes(), ", got ", grad.sizes());
+  check_bank_scores_backward(grad, bank, idx, dtype);
   const int64_t B = grad.size(0), K = idx.size(1), D = bank.size(1);
   const auto acc = acc_type_of(dtype, bank.scalar_type());
   const at::Tensor g = grad.to(acc).contiguous(), ix = idx.contiguous(), bk = rows_of(bank);
@@ -1091,9 +1090,7 @@ std::tuple<at::Tensor, at::Tensor> iic_scores_cpu(const at::Tensor& l, const at:
     out_ab.zero_();
   } else if (out_l.numel() > 0) {
     const at::Tensor fl = l.to(acc).contiguous(), fab = ab.to(acc).contiguous(), ix = idx.contiguous();
-    const at::Tensor bl = rows_of(bank_l), bab = rows_of(bank_ab);
-    const std::optional<at::Tensor> bneg =
-        bank_neg.has_value() ? std::optional<at::Tensor>(rows_of(*bank_neg)) : std::nullopt;
+    const auto [bl, bab, bneg] = iic_banks(bank_l, bank_ab, bank_neg);
     dispatch_bank(bl.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
       using bank_t = decltype(bank_v);
       using acc_t = decltype(acc_v);
@@ -1117,9 +1114,7 @@ std::tuple<at::Tensor, at::Tensor> iic_scores_backward_cpu(const at::Tensor& gra
   const int64_t C = a.neg ? 2 * K1 : K1;
   const auto acc = acc_type_of(dtype, bank_l.scalar_type());
   const at::Tensor gl = grad_l.to(acc).contiguous(), gab = grad_ab.to(acc).contiguous(), ix = idx.contiguous();
-  const at::Tensor bl = rows_of(bank_l), bab = rows_of(bank_ab);
-  const std::optional<at::Tensor> bneg =
-      bank_neg.has_value() ? std::optional<at::Tensor>(rows_of(*bank_neg)) : std::nullopt;
+  const auto [bl, bab, bneg] = iic_banks(bank_l, bank_ab, bank_neg);
   at::Tensor grads;
   dispatch_bank(bl.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
     using bank_t = decltype(bank_v);
@@ -1148,9 +1143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> iic_softmax_loss_cpu(
   at::Tensor grad = at::empty({2, B, D}, opts);
   if (B > 0) {
     const at::Tensor fl = l.to(acc).contiguous(), fab = ab.to(acc).contiguous(), ix = idx.contiguous();
-    const at::Tensor bl = rows_of(bank_l), bab = rows_of(bank_ab);
-    const std::optional<at::Tensor> bneg =
-        bank_neg.has_value() ? std::optional<at::Tensor>(rows_of(*bank_neg)) : std::nullopt;
+    const auto [bl, bab, bneg] = iic_banks(bank_l, bank_ab, bank_neg);
     dispatch_bank(bl.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
       using bank_t = decltype(bank_v);
       using acc_t = decltype(acc_v);
@@ -1218,15 +1211,7 @@ void update_rows(const at::Tensor& bank, const std::vector<int64_t>& rows, const
 }
 
 void bank_update_cpu(const at::Tensor& bank, const at::Tensor& idx, const at::Tensor& feat, double momentum) {
-  check_matrix(bank, "bank", "[N, D]");
-  check_matrix(feat, "feat", "[B, D]");
-  check_same_device(bank, "bank", feat, "feat");
-  check_same_device(bank, "bank", idx, "idx");
-  TORCH_CHECK(feat.size(1) == bank.size(1), "feat has D = ", feat.size(1), " but bank rows have D = ", bank.size(1));
-  TORCH_CHECK(idx.dim() == 1, "idx must be [B], got shape ", idx.sizes());
-  TORCH_CHECK(idx.size(0) == feat.size(0), "idx must have one entry per row of feat: feat has B = ", feat.size(0),
-              ", idx has ", idx.size(0));
-  check_index(idx, bank.size(0), "idx", "rows of bank");
+  check_bank_update(bank, idx, feat);
   const int64_t B = feat.size(0);
   if (B == 0 || bank.size(1) == 0) return;
   // the last occurrence of each row wins; every update reads the row as it was before the call

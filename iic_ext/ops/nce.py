@@ -90,8 +90,8 @@ def iic_softmax_loss(
     if use_compiled() and l.device.type == "cpu":
         loss_l, loss_ab, _, _ = torch.ops.iic_ext.iic_softmax_loss(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t))
         return loss_l, loss_ab
-    scores = iic_scores if HAS_C else reference.iic_scores
-    return reference.iic_softmax_loss(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t), scores=scores)
+    # iic_scores itself falls back to the reference when the library is missing
+    return reference.iic_softmax_loss(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t), scores=iic_scores)
 
 
 def bank_update_(bank: torch.Tensor, idx: torch.Tensor, feat: torch.Tensor, momentum: float) -> torch.Tensor:
