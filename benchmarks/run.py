@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 if __package__ in (None, ""):  # run as a script: import this checkout, not an installed copy
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,6 +36,7 @@ def get_args_parser():
 
 
 def run_device(args, device: str, groups) -> list:
+    """Run the groups on one device and write its results; returns the groups that failed."""
     from . import harness
 
     threads = args.threads or torch.get_num_threads()
@@ -51,6 +53,7 @@ def run_device(args, device: str, groups) -> list:
     print(f"== {device}: {cfg.device_name}, {threads} threads, copy bandwidth {cfg.bandwidth_gbps:.1f} GB/s", flush=True)
     notes = []
     rows = []
+    failed = []
     for group in groups:
         t0 = time.perf_counter()
         print(f"-- {group}", flush=True)
@@ -61,15 +64,22 @@ def run_device(args, device: str, groups) -> list:
             notes.append(f"{group}: not run ({e})")
             print(f"  not run: {e}", flush=True)
             continue
+        except Exception as e:  # keep the other groups' rows; the run still exits non-zero
+            traceback.print_exc()
+            notes.append(f"{group}: FAILED ({type(e).__name__}: {e})")
+            failed.append(group)
+            continue
         if isinstance(got, tuple):
             got, group_notes = got
             notes += group_notes
         rows += got
         print(f"   {group} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        if group != groups[-1]:  # a run cut short keeps the groups it finished
+            _write(args.out, device, rows, {**harness.metadata(cfg), "notes": notes}, quiet=True)
     meta = harness.metadata(cfg)
     meta["notes"] = notes
     _write(args.out, device, rows, meta)
-    return rows
+    return failed
 
 
 class _Unavailable(RuntimeError):
@@ -95,7 +105,7 @@ def _group_module(group):
     return lazy
 
 
-def _write(folder, device, rows, meta):
+def _write(folder, device, rows, meta, quiet=False):
     from . import report
 
     os.makedirs(folder, exist_ok=True)
@@ -107,7 +117,8 @@ def _write(folder, device, rows, meta):
     with open(base + ".md", "w") as f:
         f.write(report.markdown(rows, meta))
     made = report.plot(rows, meta, base + ".png")
-    print(f"wrote {base}.json, .md, .meta.json{', .png' if made else ' (no plot: matplotlib missing or no ratios)'}")
+    if not quiet:
+        print(f"wrote {base}.json, .md, .meta.json{', .png' if made else ' (no plot: matplotlib missing or no ratios)'}")
 
 
 def main(args) -> int:
@@ -137,12 +148,16 @@ def main(args) -> int:
         print(f"unknown group(s) {bad}; choose from {GROUPS}", file=sys.stderr)
         return 2
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    failed = []
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             print("cuda requested but torch.cuda.is_available() is False", file=sys.stderr)
             return 2
-        run_device(args, device, groups)
+        failed += [f"{device}:{g}" for g in run_device(args, device, groups)]
     print(f"total {time.perf_counter() - t0:.1f} s")
+    if failed:
+        print(f"failed groups: {', '.join(failed)} (their tracebacks are above)", file=sys.stderr)
+        return 1
     return 0
 
 

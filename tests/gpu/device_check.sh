@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One-shot check on a machine with a GPU: build the CUDA kernels, run the GPU tests and the test
-# suite, then the quick benchmarks. Run from the repository root; logs go to $OUT (default ./gpu-out).
+# One-shot check on a machine with a GPU: build the CUDA kernels, run the GPU tests and the CUDA cases
+# of the test suite, a short training run, then the CUDA benchmarks. Run from the repository root;
+# logs and results go to $OUT (default ./gpu-out). Every stage is bounded so that the whole script
+# ends within IIC_DEADLINE_S seconds (default 540) and leaves what it measured behind.
 #   IIC_GPU_TESTS_ONLY=1   a short check: tests/gpu and tests/test_views.py, no benchmarks
-#   IIC_SUITE=0            skip the test suite outside tests/gpu
+#   IIC_SUITE=cuda|all|0   the suite's CUDA cases (default), the whole suite, or none
 #   IIC_EXT_LARGE_TESTS=0  skip the >2^31-element tests (default on; they skip themselves below
 #                          ~48 GiB of free GPU memory)
+#   IIC_BENCH_VIEWS_FULL=0 skip the last stage, the full clip-op benchmark (it runs in the time left)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 IIC_EXT_LARGE_TESTS=${IIC_EXT_LARGE_TESTS:-1}
 cd "$(dirname "$0")/../.."
@@ -13,7 +16,10 @@ OUT=${OUT:-$ROOT/gpu-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
 t0=$(date +%s)
+DEADLINE=$(( t0 + ${IIC_DEADLINE_S:-540} ))
 stamp() { echo "== [$(( $(date +%s) - t0 ))s] $*"; }
+# seconds for a stage: its cap, or what is left before the deadline (minus a margin), if less
+budget() { local left=$(( DEADLINE - $(date +%s) - 10 )); [ "$left" -lt "$1" ] && echo "$(( left > 1 ? left : 1 ))" || echo "$1"; }
 status=0
 
 stamp "machine"
@@ -63,7 +69,7 @@ fi
 
 stamp "build (log: build.log)"
 export IIC_EXT_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-if ! "$PY" -m pip install -v --no-build-isolation --no-index --no-deps . >"$OUT/build.log" 2>&1; then
+if ! timeout "$(budget 300)" "$PY" -m pip install -v --no-build-isolation --no-index --no-deps . >"$OUT/build.log" 2>&1; then
   echo "pip install failed (tail of build.log below); trying an in-place build"
   tail -40 "$OUT/build.log"
   if ! "$PY" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1; then
@@ -83,7 +89,7 @@ stamp "import check"
 import torch, iic_ext
 from iic_ext import ops
 print("iic_ext from", iic_ext.__file__, "HAS_C", ops.HAS_C, ops._library.LOAD_ERROR)
-names = ["residual_frames", "temporal_gather", "iic_views", "bank_scores", "iic_scores", "bank_update_"]
+names = ["residual_frames", "temporal_gather", "iic_views", "bank_scores", "iic_scores", "iic_softmax_loss", "bank_update_"]
 for key in ("CPU", "CUDA"):
     print(key, [n for n in names if hasattr(torch.ops.iic_ext, n) and torch._C._dispatch_has_kernel_for_dispatch_key(f"iic_ext::{n}", key)])
 x = torch.randint(0, 256, (2, 3, 4, 5, 5), dtype=torch.uint8, device="cuda")
@@ -113,23 +119,34 @@ if [ "$(cd "$OUT" && "$PY" -c "$PROBE" 2>/dev/null)" != "ok" ]; then
 fi
 
 stamp "GPU tests (log: tests_gpu.log)"
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider -rfE --maxfail=30 tests/gpu 2>&1 | tee "$OUT/tests_gpu.log" || status=1
+timeout "$(budget 240)" "$PY" -m pytest -q -p no:cacheprovider -rfE --durations=10 --maxfail=30 tests/gpu 2>&1 | tee "$OUT/tests_gpu.log" || status=1
 
-if [ "${IIC_SUITE:-1}" != "0" ]; then
-  stamp "test suite (log: tests.log)"
+SUITE_MODE=${IIC_SUITE:-cuda}
+if [ "$SUITE_MODE" != "0" ]; then
+  stamp "test suite, $SUITE_MODE (log: tests.log)"
   if [ "${IIC_GPU_TESTS_ONLY:-0}" = "1" ]; then
     SUITE=(tests/test_views.py)
-  else
+  elif [ "$SUITE_MODE" = "all" ]; then
     SUITE=(tests --ignore=tests/gpu)
+  else
+    SUITE=(tests --ignore=tests/gpu -k cuda)
   fi
-  timeout 300 "$PY" -m pytest -q -p no:cacheprovider -rfE --maxfail=30 "${SUITE[@]}" 2>&1 | tee "$OUT/tests.log" || status=1
+  timeout "$(budget 120)" "$PY" -m pytest -q -p no:cacheprovider -rfE --maxfail=30 "${SUITE[@]}" 2>&1 | tee "$OUT/tests.log" || status=1
 fi
 
+# Benchmarks on CUDA: the NCE and whole-step groups in full, the clip ops in --quick (one
+# torch.compile arm), then the clip ops in full with whatever time is left. Each run writes its
+# results after every group, so a run cut by its timeout keeps the groups it finished.
+bench() {  # bench NAME CAP ARGS...
+  local name=$1 cap=$2; shift 2
+  stamp "benchmarks $name (log: bench-$name.log)"
+  timeout "$(budget "$cap")" "$PY" -m benchmarks --device cuda --out "$OUT/bench-$name" "$@" 2>&1 | tee "$OUT/bench-$name.log" || status=1
+}
 if [ "${IIC_GPU_TESTS_ONLY:-0}" != "1" ] && [ -f benchmarks/__main__.py ]; then
-  stamp "benchmarks (log: bench.log)"
-  timeout 180 "$PY" -m benchmarks --quick 2>&1 | tee "$OUT/bench.log" || status=1
-  if [ -d benchmarks/results ]; then
-    cp -r benchmarks/results/. "$OUT/" || true
+  bench full 200 --only nce,step
+  bench quick 100 --quick --only residual,negatives,views
+  if [ "${IIC_BENCH_VIEWS_FULL:-1}" = "1" ] && [ $(( DEADLINE - $(date +%s) )) -gt 60 ]; then
+    bench views-full 600 --only residual,negatives,views
   fi
 fi
 
