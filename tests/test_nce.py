@@ -124,6 +124,19 @@ def test_bank_scores_empty():
     assert torch.equal(f.grad, torch.zeros(3, 8))
 
 
+@pytest.mark.parametrize("B,K", [(0, 4), (3, 0), (0, 0)])
+def test_references_empty(B, K):
+    """The reference twins give empty results of the right shapes, as the kernels do."""
+    bank = torch.randn(10, 8)
+    feat, idx = torch.randn(B, 8), torch.zeros(B, K, dtype=torch.long)
+    for fn in (reference.bank_scores, reference.bank_scores_dense):
+        assert fn(feat, bank, idx).shape == (B, K)
+    for neg, C in ((bank, 2 * K), (None, K)):
+        for fn in (reference.iic_scores, reference.iic_scores_dense):
+            out_l, out_ab = fn(feat, feat, bank, bank, neg, idx, 2.0)
+            assert out_l.shape == out_ab.shape == (B, C)
+
+
 @pytest.mark.parametrize("shape", [DENSE_SHAPES[0], ROWS_SHAPES[1], GATHER_SHAPES[0]])
 def test_bank_scores_gradcheck(shape):
     B, K, D, N = shape

@@ -139,7 +139,7 @@ def bank_scores(feat: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> to
     B, K = idx.shape
     dt = _compute_dtype(feat, bank)
     weight = _sampled_rows(bank, idx, dt)
-    return torch.bmm(weight, feat.to(dt).view(B, -1, 1)).view(B, K).to(feat.dtype)
+    return torch.bmm(weight, feat.to(dt).view(B, feat.shape[1], 1)).view(B, K).to(feat.dtype)
 
 
 def bank_scores_dense(feat: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -167,7 +167,7 @@ def iic_scores(
     Returns:
         (out_l, out_ab): Tensor[B, 2(K+1)] each ([B, K+1] without bank_neg), in l's dtype.
     """
-    B = idx.shape[0]
+    B, D = l.shape
     dt = _compute_dtype(l, bank_l)
     weight_l = _sampled_rows(bank_l, idx, dt)
     weight_ab = _sampled_rows(bank_ab, idx, dt)
@@ -175,8 +175,9 @@ def iic_scores(
         weight_neg = _sampled_rows(bank_neg, idx, dt)
         weight_l = torch.cat((weight_l, weight_neg), 1)
         weight_ab = torch.cat((weight_ab, weight_neg), 1)
-    out_ab = torch.bmm(weight_l, ab.to(dt).view(B, -1, 1)).view(B, -1) * inv_t
-    out_l = torch.bmm(weight_ab, l.to(dt).view(B, -1, 1)).view(B, -1) * inv_t
+    C = weight_l.shape[1]
+    out_ab = torch.bmm(weight_l, ab.to(dt).view(B, D, 1)).view(B, C) * inv_t
+    out_l = torch.bmm(weight_ab, l.to(dt).view(B, D, 1)).view(B, C) * inv_t
     return out_l.to(l.dtype), out_ab.to(ab.dtype)
 
 
