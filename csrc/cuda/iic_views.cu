@@ -9,12 +9,25 @@
 //     residual [B, C, T, H, W]      = ((x - roll(x, 1, T)) + 1) / 2 (or unscaled), from x, not normalised
 //     negative [B, C, T_out, H, W]  = rgb[b, :, time_index[b, t]]
 //
-// One launch covers the B*C*T*H*W positions of rgb/residual and then the B*C*T_out*H*W of negative;
-// each thread writes one contiguous output position, so the writes coalesce for any input layout.
+// One launch covers the B*C*T*H*W positions of rgb/residual and then the B*C*T_out*H*W of negative.
 // The negative is converted again from the (small, uint8) source frames rather than read back from
 // rgb. Arithmetic is in the output's opmath type (float32, float64 for float64 outputs) with the CPU
 // kernel's expressions, unfused.
+//
+// Fast path (rows of W contiguous, e.g. a contiguous clip): each thread handles 4 consecutive w of
+// one row. It splits its position into (w/4, h, t, c, b) once per 4 elements with multiply-shift
+// division (32-bit indices), reads 4 values of frame t and 4 of frame t-1 as one aligned load each,
+// and writes 4 rgb and 4 residual values as one aligned store each; the negative likewise from frame
+// time_index[b, t]. It applies when clip.stride(4) == 1, W % 4 == 0, clip's data pointer and its
+// strides of B, C, T and H (those of size-1 dims excepted) are multiples of 4 elements, and the
+// outputs' data pointers are aligned to 4 elements; then every pack of 4 lies in one row of the input
+// and of each output. Otherwise each thread writes one output position through the input's strides,
+// so the writes coalesce for any input layout.
 #include <ATen/Dispatch.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+
+#include <algorithm>
+#include <type_traits>
 
 #include "common.h"
 #include "utils.cuh"
@@ -24,11 +37,18 @@ namespace {
 
 using cuda::add_rn;
 using cuda::mul_rn;
+using cuda::Pack;
 using cuda::sub_rn;
 
 constexpr int kMaxChannels = 16;
+constexpr int kVec = 4;  // elements per thread of the fast path
 
-// Per-channel normalisation, passed by value to the kernel.
+// Division by a fixed divisor: multiply-shift for 32-bit indices, plain division for 64-bit ones.
+template <typename index_t>
+using Divider = at::cuda::detail::IntDivider<std::make_unsigned_t<index_t>>;
+
+// Per-channel normalisation, passed by value to the kernel. The kernels take it __grid_constant__ so that
+// norm.mean[c] is one indexed constant load rather than a select over all kMaxChannels entries.
 template <typename acc_t>
 struct Norm {
   acc_t mean[kMaxChannels];
@@ -40,8 +60,9 @@ __global__ void iic_views_kernel(const in_t* __restrict__ x, const int64_t* __re
                                  out_t* __restrict__ rgb, out_t* __restrict__ res, out_t* __restrict__ neg,
                                  int64_t n_frames, int64_t n_total, index_t C, index_t T, index_t H, index_t W,
                                  index_t To, index_t sb, index_t sc, index_t st, index_t sh, index_t sw,
-                                 Norm<at::opmath_type<out_t>> norm, bool normalise, at::opmath_type<out_t> in_scale,
-                                 at::opmath_type<out_t> res_scale, at::opmath_type<out_t> res_offset) {
+                                 const __grid_constant__ Norm<at::opmath_type<out_t>> norm, bool normalise,
+                                 at::opmath_type<out_t> in_scale, at::opmath_type<out_t> res_scale,
+                                 at::opmath_type<out_t> res_offset) {
   using acc_t = at::opmath_type<out_t>;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n_total; j += step) {
@@ -70,6 +91,65 @@ __global__ void iic_views_kernel(const in_t* __restrict__ x, const int64_t* __re
       const acc_t p = static_cast<acc_t>(x[base + tp * st]);
       rgb[i] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(v, in_scale), m), is));
       res[i] = static_cast<out_t>(add_rn(mul_rn(sub_rn(v, p), res_scale), res_offset));
+    }
+  }
+}
+
+// Fast path: x has W-stride 1, W % kVec == 0, and x, its other strides and the outputs are aligned to
+// kVec elements. Pack j < n_frame_packs covers rgb/res elements [j*kVec, j*kVec + kVec) of one row;
+// pack j >= n_frame_packs the same of the negative. W4 = W / kVec.
+template <typename in_t, typename out_t, typename index_t>
+__global__ void iic_views_vec_kernel(const in_t* __restrict__ x, const int64_t* __restrict__ time_index,
+                                     out_t* __restrict__ rgb, out_t* __restrict__ res, out_t* __restrict__ neg,
+                                     int64_t n_frame_packs, int64_t n_total_packs, Divider<index_t> C,
+                                     Divider<index_t> T, Divider<index_t> H, Divider<index_t> W4, Divider<index_t> To,
+                                     index_t sb, index_t sc, index_t st, index_t sh,
+                                     const __grid_constant__ Norm<at::opmath_type<out_t>> norm, bool normalise,
+                                     at::opmath_type<out_t> in_scale, at::opmath_type<out_t> res_scale,
+                                     at::opmath_type<out_t> res_offset) {
+  using acc_t = at::opmath_type<out_t>;
+  using uindex_t = std::make_unsigned_t<index_t>;
+  using in_pack = Pack<in_t, kVec>;
+  using out_pack = Pack<out_t, kVec>;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < n_total_packs; j += step) {
+    const bool is_neg = j >= n_frame_packs;
+    const uindex_t q = static_cast<uindex_t>(is_neg ? j - n_frame_packs : j);
+    auto d = W4.divmod(q);
+    const index_t w = static_cast<index_t>(d.mod) * kVec;
+    d = H.divmod(d.div);
+    const index_t h = static_cast<index_t>(d.mod);
+    d = (is_neg ? To : T).divmod(d.div);
+    const index_t t = static_cast<index_t>(d.mod);
+    d = C.divmod(d.div);
+    const index_t c = static_cast<index_t>(d.mod);
+    const index_t b = static_cast<index_t>(d.div);
+    const index_t i = static_cast<index_t>(q) * kVec;
+    const acc_t m = normalise ? norm.mean[c] : acc_t(0);
+    const acc_t is = normalise ? norm.inv_std[c] : acc_t(1);
+    const index_t base = b * sb + c * sc + h * sh + w;
+    if (is_neg) {
+      const index_t ts = static_cast<index_t>(time_index[b * static_cast<index_t>(To.divisor) + t]);
+      const in_pack v = *reinterpret_cast<const in_pack*>(x + base + ts * st);
+      out_pack o;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k)
+        o.v[k] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(static_cast<acc_t>(v.v[k]), in_scale), m), is));
+      *reinterpret_cast<out_pack*>(neg + i) = o;
+    } else {
+      const index_t tp = t == 0 ? static_cast<index_t>(T.divisor) - 1 : t - 1;
+      const in_pack v = *reinterpret_cast<const in_pack*>(x + base + t * st);
+      const in_pack p = *reinterpret_cast<const in_pack*>(x + base + tp * st);
+      out_pack r, e;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const acc_t vk = static_cast<acc_t>(v.v[k]);
+        const acc_t pk = static_cast<acc_t>(p.v[k]);
+        r.v[k] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(vk, in_scale), m), is));
+        e.v[k] = static_cast<out_t>(add_rn(mul_rn(sub_rn(vk, pk), res_scale), res_offset));
+      }
+      *reinterpret_cast<out_pack*>(rgb + i) = r;
+      *reinterpret_cast<out_pack*>(res + i) = e;
     }
   }
 }
@@ -118,9 +198,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cuda(const at::Tensor& 
       const acc_t sc = static_cast<acc_t>(in_scale);
       const acc_t rs = scaled ? acc_t(0.5) * sc : sc;
       const acc_t ro = scaled ? acc_t(0.5) : acc_t(0);
+      // Pack loads of x need W-stride 1 and every row start aligned to kVec elements; a size-1 dim's
+      // stride is never multiplied by a nonzero index, so it may be anything.
+      auto stride_ok = [&](int d) { return clip.size(d) == 1 || clip.stride(d) % kVec == 0; };
+      const bool vec = clip.stride(4) == 1 && clip.size(4) % kVec == 0 && stride_ok(0) && stride_ok(1) &&
+                       stride_ok(2) && stride_ok(3) && cuda::aligned(clip.const_data_ptr(), sizeof(in_t) * kVec) &&
+                       cuda::aligned(rgb.const_data_ptr(), sizeof(out_t) * kVec) &&
+                       cuda::aligned(res.const_data_ptr(), sizeof(out_t) * kVec) &&
+                       cuda::aligned(neg.const_data_ptr(), sizeof(out_t) * kVec);
       auto launch = [&](auto index_tag) {
         using index_t = decltype(index_tag);
         auto I = [](int64_t v) { return static_cast<index_t>(v); };
+        if (vec) {
+          // W % kVec == 0 makes both element counts multiples of kVec. T_out may be 0 (no negative
+          // packs, so To is never used); a divider needs a positive divisor.
+          auto D = [](int64_t v) { return Divider<index_t>(static_cast<std::make_unsigned_t<index_t>>(v)); };
+          const int64_t n_frame_packs = n_frames / kVec, n_total_packs = n_total / kVec;
+          iic_views_vec_kernel<in_t, out_t, index_t><<<cuda::blocks_for(n_total_packs), cuda::kThreads, 0, stream>>>(
+              clip.const_data_ptr<in_t>(), idx.const_data_ptr<int64_t>(), rgb.mutable_data_ptr<out_t>(),
+              res.mutable_data_ptr<out_t>(), neg.mutable_data_ptr<out_t>(), n_frame_packs, n_total_packs, D(C),
+              D(clip.size(2)), D(clip.size(3)), D(clip.size(4) / kVec), D(std::max<int64_t>(idx.size(1), 1)),
+              I(clip.stride(0)), I(clip.stride(1)), I(clip.stride(2)), I(clip.stride(3)), norm, normalise, sc, rs, ro);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
         iic_views_kernel<in_t, out_t, index_t><<<cuda::blocks_for(n_total), cuda::kThreads, 0, stream>>>(
             clip.const_data_ptr<in_t>(), idx.const_data_ptr<int64_t>(), rgb.mutable_data_ptr<out_t>(),
             res.mutable_data_ptr<out_t>(), neg.mutable_data_ptr<out_t>(), n_frames, n_total, I(C), I(clip.size(2)),
