@@ -221,6 +221,24 @@ def test_swap_exchanges_exactly_two_distinct_chunks(T):
     assert pairs == {(i, j) for i in range(n) for j in range(i + 1, n)}  # every distinct pair occurs
 
 
+@pytest.mark.parametrize("T", list(range(1, 18)))
+def test_swap_index_concatenates_the_swapped_chunks(T):
+    """The index equals the chunks of torch.chunk concatenated in the drawn order (the original's
+    ``cat``), from the same draws of the generator."""
+    B = 64
+    index = indices.swap_index(B, T, torch.Generator().manual_seed(T))
+    frames = torch.arange(T)
+    pieces = torch.chunk(frames, 4)
+    if len(pieces) < 2:
+        assert torch.equal(index, frames.expand(B, T))
+        return
+    i, j = indices.swap_pairs(B, len(pieces), torch.Generator().manual_seed(T))
+    for b in range(B):
+        order = list(range(len(pieces)))
+        order[i[b]], order[j[b]] = order[j[b]], order[i[b]]
+        assert index[b].tolist() == torch.cat([pieces[c] for c in order]).tolist()
+
+
 def test_permute_is_never_identity_and_reverse_reverses():
     idx = indices.permute_index(2000, 3, torch.Generator().manual_seed(0))
     assert not (idx == torch.arange(3)).all(dim=1).any()

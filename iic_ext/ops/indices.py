@@ -73,12 +73,14 @@ def swap_index(
     rows = torch.arange(batch, device=dev)
     order[rows, i] = j
     order[rows, j] = i
-    # frame indices of each chunk, padded; then concatenate chunks in the new order
-    pieces = [torch.arange(s, s + length, device=dev) for s, length in bounds]
-    out = torch.empty(batch, num_frames, dtype=torch.long, device=dev)
-    for b_order, b in zip(order.tolist(), range(batch)):
-        out[b] = torch.cat([pieces[c] for c in b_order])
-    return out
+    # concatenate the chunks in the new order, with tensor ops only (no host round trip on a GPU):
+    # output frame t lies in the q-th placed chunk, at offset t - (where that chunk starts in the output)
+    start = torch.tensor([s for s, _ in bounds], device=dev)[order]  # [B, n] source start of each placed chunk
+    length = torch.tensor([length for _, length in bounds], device=dev)[order]
+    end = length.cumsum(1)  # [B, n] output end of each placed chunk
+    t = torch.arange(num_frames, device=dev)
+    q = (t.view(1, -1, 1) >= end.unsqueeze(1)).sum(2)  # [B, T] placed chunk of each output frame
+    return start.gather(1, q) + t - (end - length).gather(1, q)
 
 
 def permute_index(batch: int, num_frames: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
