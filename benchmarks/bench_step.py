@@ -25,7 +25,7 @@ from iic_ext import ops
 from iic_ext.ops import indices, reference
 
 from . import bench_nce
-from .harness import Config, compare, time_arms
+from .harness import Config, as_trained, compare, time_arms
 
 N, K, D = 9537, 1024, 512
 TEMPERATURE, MOMENTUM = bench_nce.TEMPERATURE, bench_nce.MOMENTUM
@@ -114,9 +114,10 @@ def run(cfg: Config):
 
         # the ops alone, on the same inputs, for their share of the step
         op_arms = {
-            "views fused": lambda: ops.iic_views(clip, time_index),
+            "views fused": as_trained(cfg, lambda: ops.iic_views(clip, time_index)),
             "views original": lambda: reference.iic_views(clip, time_index),
-            "nce fused": _nce_only(ops.iic_softmax_loss, ops.bank_update_, [b.clone() for b in banks], B, cfg.device, g, idx, y),
+            "nce fused": as_trained(cfg, _nce_only(ops.iic_softmax_loss, ops.bank_update_, [b.clone() for b in banks], B,
+                                                   cfg.device, g, idx, y)),
             "nce original": _nce_only(reference.iic_softmax_loss, reference.bank_update_, [b.clone() for b in banks], B,
                                       cfg.device, g, idx, y),
         }

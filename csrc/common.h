@@ -4,6 +4,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <atomic>
+
 namespace iic_ext {
 
 inline void check_clip(const at::Tensor& clip, const char* name = "clip") {
@@ -24,11 +26,21 @@ inline void check_same_device(const at::Tensor& a, const char* an, const at::Ten
               b.device());
 }
 
+// Whether index arguments on a GPU are range-checked (the default). The check is one reduction whose
+// result the host must read, i.e. a device synchronisation per call; callers whose indices are valid
+// by construction (the trainer draws them itself) may switch it off around their hot loop
+// (iic_ext.ops.unchecked_indices). CPU indices are always checked: there it costs no synchronisation.
+inline std::atomic<bool>& gpu_index_checks() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+
 // Values of an int64 index tensor must lie in [0, upper). One reduction; on CUDA it synchronises,
 // the price of never reading out of bounds.
 inline void check_index(const at::Tensor& idx, int64_t upper, const char* name, const char* what) {
   TORCH_CHECK(idx.scalar_type() == at::kLong, name, " must be int64, got ", idx.scalar_type());
   if (idx.numel() == 0) return;
+  if (!idx.is_cpu() && !gpu_index_checks().load(std::memory_order_relaxed)) return;
   auto mm = at::aminmax(idx);
   const int64_t lo = std::get<0>(mm).item<int64_t>();
   const int64_t hi = std::get<1>(mm).item<int64_t>();

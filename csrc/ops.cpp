@@ -1,8 +1,11 @@
 // The schema of every iic_ext operator, in one place. Backends register kernels in
-// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake (meta) kernels and autograd formulas are
-// registered from Python next to the wrappers (iic_ext/ops/views.py, iic_ext/ops/nce.py). Ops are reached as torch.ops.iic_ext.<name>.
+// csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); autograd is registered in C++ (csrc/autograd.cpp),
+// fake (meta) kernels from Python next to the wrappers (iic_ext/ops/views.py, iic_ext/ops/nce.py).
+// Ops are reached as torch.ops.iic_ext.<name>.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "common.h"
 
 extern "C" {
 // Importing iic_ext._C loads this library, which runs the registrations below; the module itself
@@ -44,11 +47,20 @@ TORCH_LIBRARY(iic_ext, m) {
   m.def("iic_scores(Tensor l, Tensor ab, Tensor bank_l, Tensor bank_ab, Tensor? bank_neg, Tensor idx, float inv_t=1.0) -> (Tensor, Tensor)");
   // grad_l, grad_ab [B, 2(K+1)] or [B, K+1] -> (grad l [B, D], grad ab [B, D])
   m.def("_iic_scores_backward(Tensor grad_l, Tensor grad_ab, Tensor bank_l, Tensor bank_ab, Tensor? bank_neg, Tensor idx, float inv_t, ScalarType dtype) -> (Tensor, Tensor)");
-  // bank [N, D] in place: bank[y] = normalize(m * bank[y] + (1 - m) * feat[b]) for y = idx[b];
-  // with repeated y in idx the last occurrence wins (as index_copy_ on CPU), deterministically.
   // the softmax cross-entropy (label 0) of iic_scores' logits, in one pass over the sampled rows:
   // (loss_l [B], loss_ab [B], grad_l [B, D], grad_ab [B, D]), grad_* = d loss_* / d (l or ab) per sample,
   // all in the accumulation dtype (float32, float64 when l or the banks are float64)
   m.def("iic_softmax_loss(Tensor l, Tensor ab, Tensor bank_l, Tensor bank_ab, Tensor? bank_neg, Tensor idx, float inv_t=1.0) -> (Tensor, Tensor, Tensor, Tensor)");
+  // the same from iic_scores, log_softmax and _iic_scores_backward (any device; the CUDA kernel of
+  // iic_softmax_loss, and on the CPU a check of the one-pass kernel)
+  m.def("_iic_softmax_loss_unfused(Tensor l, Tensor ab, Tensor bank_l, Tensor bank_ab, Tensor? bank_neg, Tensor idx, float inv_t=1.0) -> (Tensor, Tensor, Tensor, Tensor)");
+  // bank [N, D] in place: bank[y] = normalize(m * bank[y] + (1 - m) * feat[b]) for y = idx[b];
+  // with repeated y in idx the last occurrence wins (as index_copy_ on CPU), deterministically.
   m.def("bank_update_(Tensor(a!) bank, Tensor idx, Tensor feat, float momentum) -> ()");
+
+  // ---- settings ------------------------------------------------------------------------------
+  // range checks of index arguments on GPUs (each synchronises the device) on or off; returns the
+  // previous setting. CPU indices are always checked.
+  m.def("_set_gpu_index_checks(bool enabled) -> bool",
+        [](bool enabled) { return iic_ext::gpu_index_checks().exchange(enabled); });
 }

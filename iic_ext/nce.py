@@ -150,6 +150,16 @@ class NCEAverage(nn.Module):
             generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self.generator = generator
         self._generation = 0  # count of bank updates: a backward checks no update came after its forward
+        self._host_params = (None, None)  # (key of the params buffer's state, its values as floats)
+
+    def hyperparams(self):
+        """``params`` as Python floats ``[K, T, Z_l, Z_ab, momentum]``, read from the device only when
+        the buffer has changed (moved, loaded, Z set), so a step on a GPU does not wait for it."""
+        p = self.params
+        key = (id(p), p.data_ptr(), p.device, p._version)
+        if self._host_params[0] != key:
+            self._host_params = (key, p.tolist())
+        return list(self._host_params[1])
 
     def seed(self, seed: int) -> None:
         """Seed the generator the negatives are drawn from."""
@@ -184,7 +194,7 @@ class NCEAverage(nn.Module):
             updated (rows y, momentum update), as the original does inside its forward.
         """
         neg, y, idx = self._parse(args, idx)
-        K, T, Z_l, Z_ab, momentum = self.params.tolist()
+        K, T, Z_l, Z_ab, momentum = self.hyperparams()
         K = int(K)
         if idx is None:
             idx = self.sample_idx(y, K)
@@ -228,15 +238,15 @@ class NCEAverage(nn.Module):
         """
         if not self.use_softmax:
             raise ValueError("softmax_losses needs use_softmax=True; the NCE form uses forward + NCECriterion")
-        if not (HAS_C and l.device.type == "cpu"):
-            # no fused kernel here: the logits (whose backward undoes the update) and cross-entropy
+        if not HAS_C:
+            # no compiled library: the logits (whose backward undoes the update) and cross-entropy
             out_l, out_ab = self.forward(l, ab, *args, idx=idx)
             dt = torch.promote_types(torch.promote_types(l.dtype, self.memory_l.dtype), torch.float32)
             zero = torch.zeros(l.shape[0], dtype=torch.long, device=l.device)
             return (F.cross_entropy(out_l.squeeze(-1).to(dt), zero, reduction="none"),
                     F.cross_entropy(out_ab.squeeze(-1).to(dt), zero, reduction="none"))
         neg, y, idx = self._parse(args, idx)
-        K, T, _, _, momentum = self.params.tolist()
+        K, T, _, _, momentum = self.hyperparams()
         if idx is None:
             idx = self.sample_idx(y, int(K))
         loss_l, loss_ab = nce_ops.iic_softmax_loss(l, ab, self.memory_l, self.memory_ab, self.memory_neg, idx, 1.0 / T)
@@ -257,7 +267,7 @@ class NCEAverage(nn.Module):
     @torch.no_grad()
     def update(self, y, l, ab, neg=None, momentum=None, undo=None):
         """``bank[y] = normalize(m bank[y] + (1 - m) feat)`` for the three banks (done by forward)."""
-        momentum = self.params[4].item() if momentum is None else momentum
+        momentum = self.hyperparams()[4] if momentum is None else momentum
         pairs = [(self.memory_l, l), (self.memory_ab, ab)]
         if self.intra_neg:
             if neg is None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .ops import unchecked_indices
 from .utils.checkpoint import load_checkpoint, save_checkpoint
 from .utils.logging import AverageMeter, MetricWriter
 from .utils.misc import EpochSampler, capture_rng_state, epoch_seed, restore_rng_state, seed_everything
@@ -280,7 +281,23 @@ def make_views(batch: dict, args, negatives: Optional[_Negatives], device):
 
 def train_step(model, contrast, criteria, optimizer, batch, args, *, negatives, device, scaler=None):
     """One IIC step; returns a dict of detached scalars (``loss``, ``loss_1``, ``loss_2``, ``prob_1``,
-    ``prob_2``)."""
+    ``prob_2``).
+
+    Every index the step's ops take is valid by construction (frame indices and bank rows are drawn
+    here in range) except the dataset indices, which are checked on the host before they move. On a
+    GPU the ops' own range checks, one device synchronisation each, are then skipped.
+    """
+    index = batch["index"]
+    n_data = contrast.memory_l.shape[0]
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_data):
+        raise IndexError(f"batch['index'] has entries outside [0, {n_data}) (the memory bank's rows): "
+                         f"min {int(index.min())}, max {int(index.max())}")
+    checks = contextlib.nullcontext() if device.type == "cpu" else unchecked_indices()
+    with checks:
+        return _step(model, contrast, criteria, optimizer, batch, args, negatives, device, scaler)
+
+
+def _step(model, contrast, criteria, optimizer, batch, args, negatives, device, scaler):
     rgb, view2, neg_clip = make_views(batch, args, negatives, device)
     index = batch["index"].to(device, non_blocking=True)
     with _autocast(device, args):

@@ -199,3 +199,39 @@ def test_compile():
     loss(*y).backward()
     assert_close(x[0].grad, y[0].grad)
     assert_close(x[1].grad, y[1].grad)
+
+
+# ---- the unfused form (the CUDA kernel of iic_softmax_loss), checked here on the CPU ---------------
+
+
+@pytest.mark.parametrize("fdt,bdt", DTYPES)
+@pytest.mark.parametrize("shape", [ROWS_SHAPES[0], ROWS_SHAPES[2], GATHER_SHAPES[1], GATHER_SHAPES[2]])
+@pytest.mark.parametrize("neg", [True, False])
+def test_unfused_equals_one_pass_kernel(fdt, bdt, shape, neg):
+    """Losses and per-sample gradients of the scores + log_softmax + scores-backward form equal the
+    one-pass kernel's (both checked against float64 cross-entropy above and here)."""
+    l, ab, bl, bab, bneg, idx = _inputs(*shape, fdt, bdt, neg, scale=3.0)
+    inv_t = 1 / 0.07
+    got = torch.ops.iic_ext._iic_softmax_loss_unfused(l, ab, bl, bab, bneg, idx, inv_t)
+    want = torch.ops.iic_ext.iic_softmax_loss(l, ab, bl, bab, bneg, idx, inv_t)
+    acc = torch.float64 if torch.float64 in (fdt, bdt) else torch.float32
+    tol = 1e-9 if acc == torch.float64 else 2e-4
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == acc and a.shape == b.shape and a.is_contiguous()
+        assert_close(a, b, rtol=tol, atol=tol * inv_t)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    w = torch.ones(2, shape[0], dtype=torch.float64)
+    ref = _loss_and_grads(reference.iic_softmax_loss, d(l), d(ab), (d(bl), d(bab), d(bneg)), idx, inv_t, w)
+    for a, b in zip(got, ref):
+        assert_close(a.double(), b, rtol=tol * 10, atol=tol * 10 * inv_t)
+
+
+def test_unfused_bad_inputs_and_opcheck():
+    f, bank = torch.randn(4, 8), torch.randn(10, 8)
+    idx = torch.randint(0, 10, (4, 3))
+    with pytest.raises(RuntimeError, match="idx has an entry out of range"):
+        torch.ops.iic_ext._iic_softmax_loss_unfused(f, f, bank, bank, bank, idx + 10, 1.0)
+    with pytest.raises(RuntimeError, match="idx must have at least one column"):
+        torch.ops.iic_ext._iic_softmax_loss_unfused(f, f, bank, bank, bank, idx[:, :0], 1.0)
+    args = _inputs(*ROWS_SHAPES[1])
+    torch.library.opcheck(torch.ops.iic_ext._iic_softmax_loss_unfused.default, (*args, 2.0))

@@ -298,3 +298,20 @@ def test_forward_signature_errors():
     cmc = NCEAverage(D, N, K, intra_neg=False)
     out_l, out_ab = cmc(torch.randn(2, D), torch.randn(2, D), torch.arange(2))
     assert out_l.shape == (2, K + 1, 1)
+
+
+def test_hyperparams_follow_the_params_buffer():
+    """The host copy of ``params`` is refreshed whenever the buffer changes."""
+    m = NCEAverage(8, 20, nce_k=5, nce_t=0.1, nce_m=0.5, use_softmax=False, generator=torch.Generator().manual_seed(0))
+    assert m.hyperparams() == pytest.approx([5, 0.1, -1, -1, 0.5])
+    other = NCEAverage(8, 20, nce_k=7, nce_t=0.2, nce_m=0.9)
+    m.load_state_dict(other.state_dict())
+    assert m.hyperparams() == pytest.approx([7, 0.2, -1, -1, 0.9])
+    f = torch.randn(3, 8)
+    m(f, f, f, torch.tensor([0, 1, 2]))  # the NCE form sets Z from the first batch
+    z = m.params[2:4].tolist()
+    assert z[0] > 0 and m.hyperparams()[2:4] == pytest.approx(z)
+    m.params[4] = 0.25
+    assert m.hyperparams()[4] == pytest.approx(0.25)
+    m.double()
+    assert m.hyperparams()[4] == pytest.approx(0.25)

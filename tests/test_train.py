@@ -282,3 +282,16 @@ def test_train_ssl_script_runs(tmp_path):
                     "--nce_k", "3", "--epochs", "1", "--num_workers", "0", "--model_path", str(tmp_path / "m"),
                     "--tb_path", str(tmp_path / "t"), "--resize", "16", "16", "--crop_size", "16"])
     assert os.path.isfile(res["last"])
+
+
+def test_step_rejects_dataset_index_outside_the_bank(tmp_path):
+    """Dataset indices are checked on the host before the step (its ops skip their GPU checks)."""
+    args = parse(TINY + ["--epochs", "1"], tmp_path)
+    device = torch.device("cpu")
+    c = T.build_components(args, 8, device)
+    clip = torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8)
+    for bad in ([0, 1, 2, 8], [0, -1, 2, 3]):
+        batch = {"rgb": clip, "index": torch.tensor(bad), "label": torch.zeros(4, dtype=torch.long)}
+        with pytest.raises(IndexError, match=r"batch\['index'\] has entries outside \[0, 8\)"):
+            T.train_step(c["model"], c["contrast"], c["criteria"], c["optimizer"], batch, args, negatives=None,
+                         device=device)

@@ -1,5 +1,8 @@
 """Loads the compiled operator library, or records why it could not be loaded."""
+import contextlib
 import warnings
+
+import torch
 
 try:
     from iic_ext import _C  # noqa: F401  (loading the library registers torch.ops.iic_ext.*)
@@ -25,3 +28,25 @@ def use_compiled() -> bool:
         )
         _warned = True
     return HAS_C
+
+
+@contextlib.contextmanager
+def unchecked_indices():
+    """Within the block, index arguments on a GPU are not range-checked.
+
+    Every op that takes indices (``time_index``, ``idx``) checks by default that they lie in range, and
+    raises an error naming the argument if not. On a GPU that check is a reduction whose result the
+    host must read: one device synchronisation per call, which stalls the queue of a training step.
+    Code whose indices are valid by construction (the trainer draws them itself) can skip it here; an
+    out-of-range index then reads or writes out of bounds. CPU indices are always checked (there it
+    costs no synchronisation). Nests; restores the previous setting on exit. The setting is global
+    (all threads).
+    """
+    if not HAS_C:
+        yield
+        return
+    previous = torch.ops.iic_ext._set_gpu_index_checks(False)
+    try:
+        yield
+    finally:
+        torch.ops.iic_ext._set_gpu_index_checks(previous)

@@ -1,7 +1,7 @@
 """NCE memory-bank operators: scores against sampled bank rows, and the momentum update of the bank.
 
-Thin wrappers over ``torch.ops.iic_ext.*`` with their fake (meta) kernels and autograd formulas. When
-the compiled library is missing they run the pure-PyTorch reference (and warn once). The banks are
+Thin wrappers over ``torch.ops.iic_ext.*`` with their fake (meta) kernels; the autograd formulas are
+registered in C++ (csrc/autograd.cpp). When the compiled library is missing they run the pure-PyTorch reference (and warn once). The banks are
 constant buffers: scores are differentiable with respect to the features only.
 """
 from typing import Optional, Tuple
@@ -71,10 +71,10 @@ def iic_softmax_loss(
     """Per-sample softmax cross-entropy (label 0) of the two views' IIC logits, in one pass.
 
     The same value as ``F.cross_entropy(out, 0, reduction="none")`` on each output of
-    :func:`iic_scores`, but on the CPU the logits are never stored: an online softmax runs over the
-    sampled rows (each touched row read once) and yields the loss and its gradient together, so the
-    backward only scales the saved gradient. On other devices it is :func:`iic_scores` followed by
-    ``cross_entropy``.
+    :func:`iic_scores`, and the gradient comes out of the same call, so the backward only scales the
+    saved gradient. On the CPU the logits are never stored: an online softmax runs over the sampled
+    rows (each touched row read once). On CUDA it is the scores kernel, ``log_softmax`` and the scores'
+    backward kernel, in one C++ call.
 
     Args:
         l, ab (Tensor[B, D]): the two views' features (same dtype).
@@ -87,11 +87,10 @@ def iic_softmax_loss(
         (loss_l, loss_ab): Tensor[B] each, float32 (float64 when l or the banks are float64).
         Differentiable with respect to l and ab. ``exp(-loss)`` is the positive's softmax probability.
     """
-    if use_compiled() and l.device.type == "cpu":
+    if use_compiled():
         loss_l, loss_ab, _, _ = torch.ops.iic_ext.iic_softmax_loss(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t))
         return loss_l, loss_ab
-    # iic_scores itself falls back to the reference when the library is missing
-    return reference.iic_softmax_loss(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t), scores=iic_scores)
+    return reference.iic_softmax_loss(l, ab, bank_l, bank_ab, bank_neg, idx, float(inv_t))
 
 
 def bank_update_(bank: torch.Tensor, idx: torch.Tensor, feat: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -140,20 +139,6 @@ if HAS_C:
         _same_device(("grad", grad), ("bank", bank), ("idx", idx))
         return grad.new_empty((grad.shape[0], bank.shape[1]), dtype=dtype)
 
-    def _bank_scores_setup(ctx, inputs, output):
-        feat, bank, idx = inputs
-        ctx.save_for_backward(bank, idx)
-        ctx.feat_dtype = feat.dtype
-
-    def _bank_scores_grad(ctx, grad):
-        bank, idx = ctx.saved_tensors
-        grad_feat = None
-        if ctx.needs_input_grad[0]:
-            grad_feat = torch.ops.iic_ext._bank_scores_backward(grad, bank, idx, ctx.feat_dtype)
-        return grad_feat, None, None
-
-    torch.library.register_autograd("iic_ext::bank_scores", _bank_scores_grad, setup_context=_bank_scores_setup)
-
     @torch.library.register_fake("iic_ext::iic_scores")
     def _iic_scores_fake(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t=1.0):
         _same_device(("l", l), ("ab", ab), ("bank_l", bank_l), ("bank_ab", bank_ab), ("bank_neg", bank_neg), ("idx", idx))
@@ -169,50 +154,13 @@ if HAS_C:
         shape = (grad_l.shape[0], bank_l.shape[1])
         return grad_l.new_empty(shape, dtype=dtype), grad_l.new_empty(shape, dtype=dtype)
 
-    def _iic_scores_setup(ctx, inputs, output):
-        l, ab, bank_l, bank_ab, bank_neg, idx, inv_t = inputs
-        ctx.save_for_backward(bank_l, bank_ab, bank_neg, idx)
-        ctx.inv_t = inv_t
-        ctx.feat_dtype = l.dtype
-
-    def _iic_scores_grad(ctx, grad_l, grad_ab):
-        bank_l, bank_ab, bank_neg, idx = ctx.saved_tensors
-        gl = gab = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            gl, gab = torch.ops.iic_ext._iic_scores_backward(
-                grad_l, grad_ab, bank_l, bank_ab, bank_neg, idx, ctx.inv_t, ctx.feat_dtype
-            )
-        return gl, gab, None, None, None, None, None
-
-    torch.library.register_autograd("iic_ext::iic_scores", _iic_scores_grad, setup_context=_iic_scores_setup)
-
+    @torch.library.register_fake("iic_ext::_iic_softmax_loss_unfused")
     @torch.library.register_fake("iic_ext::iic_softmax_loss")
     def _iic_softmax_loss_fake(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t=1.0):
         _same_device(("l", l), ("ab", ab), ("bank_l", bank_l), ("bank_ab", bank_ab), ("bank_neg", bank_neg), ("idx", idx))
         dt = torch.float64 if torch.float64 in (l.dtype, bank_l.dtype) else torch.float32
         B, D = l.shape
         return l.new_empty((B,), dtype=dt), l.new_empty((B,), dtype=dt), l.new_empty((B, D), dtype=dt), l.new_empty((B, D), dtype=dt)
-
-    def _iic_softmax_loss_setup(ctx, inputs, output):
-        l, ab = inputs[0], inputs[1]
-        _, _, grad_l, grad_ab = output
-        ctx.mark_non_differentiable(grad_l, grad_ab)
-        ctx.save_for_backward(grad_l, grad_ab)
-        ctx.dtypes = (l.dtype, ab.dtype)
-
-    def _iic_softmax_loss_grad(ctx, g_l, g_ab, _g_dl, _g_dab):
-        # the forward already holds d loss / d feature per sample: scale it by the incoming gradient
-        grad_l, grad_ab = ctx.saved_tensors
-        gl = gab = None
-        if ctx.needs_input_grad[0]:
-            gl = (grad_l * g_l.unsqueeze(1)).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            gab = (grad_ab * g_ab.unsqueeze(1)).to(ctx.dtypes[1])
-        return gl, gab, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "iic_ext::iic_softmax_loss", _iic_softmax_loss_grad, setup_context=_iic_softmax_loss_setup
-    )
 
     @torch.library.register_fake("iic_ext::bank_update_")
     def _bank_update_fake(bank, idx, feat, momentum):

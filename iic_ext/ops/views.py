@@ -1,7 +1,7 @@
 """Residual frames, temporal gather (intra-negatives) and the fused IIC views.
 
-Thin wrappers over ``torch.ops.iic_ext.*`` with their fake (meta) kernels and autograd formulas. When
-the compiled library is missing they run the pure-PyTorch reference (and warn once).
+Thin wrappers over ``torch.ops.iic_ext.*`` with their fake (meta) kernels; the autograd formulas are
+registered in C++ (csrc/autograd.cpp). When the compiled library is missing they run the pure-PyTorch reference (and warn once).
 """
 from typing import Optional, Sequence, Tuple
 
@@ -170,16 +170,6 @@ if HAS_C:
     def _residual_frames_backward_fake(grad, scaled):
         return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device, memory_format=suggest_memory_format(grad))
 
-    def _residual_setup(ctx, inputs, output):
-        ctx.scaled = inputs[1]
-        ctx.in_dtype = inputs[0].dtype
-
-    def _residual_backward(ctx, grad):
-        g = torch.ops.iic_ext._residual_frames_backward(grad, ctx.scaled)
-        return g.to(ctx.in_dtype), None, None
-
-    torch.library.register_autograd("iic_ext::residual_frames", _residual_backward, setup_context=_residual_setup)
-
     @torch.library.register_fake("iic_ext::temporal_gather")
     def _temporal_gather_fake(clip, time_index):
         shape = list(clip.shape)
@@ -195,17 +185,6 @@ if HAS_C:
         shape = list(grad.shape)
         shape[2] = num_frames
         return grad.new_empty(shape)
-
-    def _gather_setup(ctx, inputs, output):
-        clip, time_index = inputs
-        ctx.save_for_backward(time_index)
-        ctx.num_frames = clip.shape[2]
-
-    def _gather_backward(ctx, grad):
-        (time_index,) = ctx.saved_tensors
-        return torch.ops.iic_ext._temporal_gather_backward(grad, time_index, ctx.num_frames), None
-
-    torch.library.register_autograd("iic_ext::temporal_gather", _gather_backward, setup_context=_gather_setup)
 
     @torch.library.register_fake("iic_ext::iic_views")
     def _iic_views_fake(clip, time_index, mean=None, std=None, scaled=True, out_dtype=None):

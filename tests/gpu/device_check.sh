@@ -8,6 +8,7 @@
 #   IIC_EXT_LARGE_TESTS=0  skip the >2^31-element tests (default on; they skip themselves below
 #                          ~48 GiB of free GPU memory)
 #   IIC_BENCH_VIEWS_FULL=0 skip the last stage, the full clip-op benchmark (it runs in the time left)
+#   IIC_BENCH_VIEWS_QUICK=1 also the clip ops in --quick before it
 set -uo pipefail
 export PYTHONUNBUFFERED=1 IIC_EXT_LARGE_TESTS=${IIC_EXT_LARGE_TESTS:-1}
 cd "$(dirname "$0")/../.."
@@ -134,9 +135,9 @@ if [ "$SUITE_MODE" != "0" ]; then
   timeout "$(budget 120)" "$PY" -m pytest -q -p no:cacheprovider -rfE --maxfail=30 "${SUITE[@]}" 2>&1 | tee "$OUT/tests.log" || status=1
 fi
 
-# Benchmarks on CUDA: the NCE and whole-step groups in full, the clip ops in --quick (one
-# torch.compile arm), then the clip ops in full with whatever time is left. Each run writes its
-# results after every group, so a run cut by its timeout keeps the groups it finished.
+# Benchmarks on CUDA, full runs: the NCE and whole-step groups, then the clip ops with whatever time
+# is left (IIC_BENCH_VIEWS_QUICK=1: the clip ops in --quick first). Each run writes its results after
+# every group, so a run cut by its timeout keeps the groups it finished.
 bench() {  # bench NAME CAP ARGS...
   local name=$1 cap=$2; shift 2
   stamp "benchmarks $name (log: bench-$name.log)"
@@ -144,7 +145,9 @@ bench() {  # bench NAME CAP ARGS...
 }
 if [ "${IIC_GPU_TESTS_ONLY:-0}" != "1" ] && [ -f benchmarks/__main__.py ]; then
   bench full 200 --only nce,step
-  bench quick 100 --quick --only residual,negatives,views
+  if [ "${IIC_BENCH_VIEWS_QUICK:-0}" = "1" ]; then
+    bench quick 100 --quick --only residual,negatives,views
+  fi
   if [ "${IIC_BENCH_VIEWS_FULL:-1}" = "1" ] && [ $(( DEADLINE - $(date +%s) )) -gt 60 ]; then
     bench views-full 600 --only residual,negatives,views
   fi

@@ -125,3 +125,51 @@ def test_training_on_cuda_with_amp(tmp_path, amp_dtype):
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     ck = torch.load(res["last"], map_location="cpu", weights_only=False)
     assert (ck.get("scaler") is not None) == (amp_dtype == "fp16")
+
+
+def test_softmax_loss_opcheck_cuda():
+    g = torch.Generator().manual_seed(8)
+    banks = [torch.nn.functional.normalize(torch.randn(30, 16, generator=g), dim=1).to(CUDA) for _ in range(3)]
+    for neg in (banks[2], None):
+        l, ab, _ = [t.to(CUDA).requires_grad_() for t in _features(4, 16, torch.float32, seed=9)]
+        idx = torch.randint(0, 30, (4, 7), generator=g).to(CUDA)
+        torch.library.opcheck(torch.ops.iic_ext.iic_softmax_loss.default, (l, ab, banks[0], banks[1], neg, idx, 2.0))
+
+
+def _index_ops(B=4, D=16, N=30, T=6):
+    """Every op with an index argument, on valid CUDA inputs."""
+    g = torch.Generator().manual_seed(10)
+    clip = torch.randint(0, 256, (B, 3, T, 8, 8), dtype=torch.uint8, generator=g).to(CUDA)
+    time_index = torch.randint(0, T, (B, T), generator=g).to(CUDA)
+    banks = [torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=1).to(CUDA) for _ in range(3)]
+    l, ab, neg = [t.to(CUDA) for t in _features(B, D, torch.float32, seed=11)]
+    l.requires_grad_()
+    idx = torch.randint(0, N, (B, 9), generator=g).to(CUDA)
+    y = idx[:, 0].contiguous()
+    return {
+        "temporal_gather": lambda: ops.temporal_gather(clip.float(), time_index),
+        "iic_views": lambda: ops.iic_views(clip, time_index),
+        "bank_scores": lambda: ops.bank_scores(l, banks[0], idx).sum().backward(),
+        "iic_scores": lambda: sum(o.sum() for o in ops.iic_scores(l, ab, *banks, idx, 2.0)).backward(),
+        "iic_softmax_loss": lambda: sum(o.sum() for o in ops.iic_softmax_loss(l, ab, *banks, idx, 2.0)).backward(),
+        "bank_update_": lambda: ops.bank_update_(banks[2], y, neg, 0.5),
+    }
+
+
+@pytest.mark.parametrize("name", ["temporal_gather", "iic_views", "bank_scores", "iic_scores", "iic_softmax_loss",
+                                  "bank_update_"])
+def test_unchecked_indices_do_not_synchronise(name):
+    """By default the range check of an index argument reads its result on the host (a device
+    synchronisation); inside unchecked_indices the same call queues without waiting."""
+    fn = _index_ops()[name]
+    fn()  # warm up: first-call allocations
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            fn()
+        with ops.unchecked_indices():
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

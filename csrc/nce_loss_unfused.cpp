@@ -1,0 +1,64 @@
+// iic_softmax_loss from the scores kernels, for backends without a one-pass loss kernel (CUDA).
+//
+// _iic_softmax_loss_unfused(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t)
+//   -> (loss_l [B], loss_ab [B], grad_l [B, D], grad_ab [B, D]), the contract of iic_softmax_loss:
+//   logits = iic_scores(l, ab, ...) in the accumulation dtype (float32, float64 when l or the banks are),
+//   loss = logsumexp(logits) - logits[:, 0] (cross-entropy, label 0), and
+//   grad = _iic_scores_backward(softmax(logits) - onehot(0)), i.e. inv_t * (sum_j p_j row_j - row_0).
+// The sampled rows are read twice (scores, then gradient) but the whole loss is one C++ call with no
+// autograd graph: the backward of iic_softmax_loss only scales the saved gradient. It is the CUDA
+// kernel of iic_softmax_loss and, under its own name, runs on every device so that the CPU tests can
+// check it against the one-pass CPU kernel.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "nce_checks.h"
+
+namespace iic_ext {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> iic_softmax_loss_unfused(
+    const at::Tensor& l, const at::Tensor& ab, const at::Tensor& bank_l, const at::Tensor& bank_ab,
+    const OptTensor& bank_neg, const at::Tensor& idx, double inv_t) {
+  static auto scores = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("iic_ext::iic_scores", "")
+                           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                     const at::Tensor&, const at::Tensor&,
+                                                                     const OptTensor&, const at::Tensor&, double)>();
+  static auto backward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("iic_ext::_iic_scores_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, const OptTensor&, const at::Tensor&, double,
+                                                    at::ScalarType)>();
+  const IicArgs a = check_iic(l, ab, bank_l, bank_ab, bank_neg, idx);
+  TORCH_CHECK(a.K1 >= 1, "idx must have at least one column (column 0 is the positive), got shape ", idx.sizes());
+  const auto acc = acc_type_of(l.scalar_type(), bank_l.scalar_type());
+  auto [out_l, out_ab] = scores.call(l.to(acc), ab.to(acc), bank_l, bank_ab, bank_neg, idx, inv_t);
+  // loss and d loss / d logits of one view: softmax - onehot(0)
+  auto one = [](const at::Tensor& logits) {
+    at::Tensor logp = at::log_softmax(logits, 1);
+    at::Tensor loss = logp.select(1, 0).neg();
+    at::Tensor coef = logp.exp_();
+    coef.select(1, 0).sub_(1);
+    return std::make_pair(loss, coef);
+  };
+  auto [loss_l, coef_l] = one(out_l);
+  auto [loss_ab, coef_ab] = one(out_ab);
+  auto [grad_l, grad_ab] = backward.call(coef_l, coef_ab, bank_l, bank_ab, bank_neg, idx, inv_t, acc);
+  return {loss_l, loss_ab, grad_l, grad_ab};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(iic_ext, CompositeExplicitAutograd, m) {
+  m.impl("_iic_softmax_loss_unfused", &iic_softmax_loss_unfused);
+}
+
+#ifdef IIC_EXT_WITH_CUDA
+TORCH_LIBRARY_IMPL(iic_ext, CUDA, m) { m.impl("iic_softmax_loss", &iic_softmax_loss_unfused); }
+#endif
+
+}  // namespace iic_ext
