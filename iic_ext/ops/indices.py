@@ -75,8 +75,11 @@ def swap_index(
     order[rows, j] = i
     # concatenate the chunks in the new order, with tensor ops only (no host round trip on a GPU):
     # output frame t lies in the q-th placed chunk, at offset t - (where that chunk starts in the output)
-    start = torch.tensor([s for s, _ in bounds], device=dev)[order]  # [B, n] source start of each placed chunk
-    length = torch.tensor([length for _, length in bounds], device=dev)[order]
+    # the chunk bounds made on the device (a host tensor copied over would wait for the device's queue)
+    size = bounds[0][1]
+    chunk_start = torch.arange(n, device=dev) * size
+    start = chunk_start[order]  # [B, n] source start of each placed chunk
+    length = (num_frames - chunk_start).clamp_(max=size)[order]
     end = length.cumsum(1)  # [B, n] output end of each placed chunk
     t = torch.arange(num_frames, device=dev)
     q = (t.view(1, -1, 1) >= end.unsqueeze(1)).sum(2)  # [B, T] placed chunk of each output frame
