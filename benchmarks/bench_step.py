@@ -133,10 +133,10 @@ def run(cfg: Config):
             }
             s = r["op_share"]
             notes.append(
-                f"step batch {B} {T}×{H}×{W}: fused step {r['fused_ms']:.0f} ms (views {op_ms['views fused']:.1f} ms = "
-                f"{100 * s['fused']['views']:.1f}%, nce {op_ms['nce fused']:.1f} ms = {100 * s['fused']['nce']:.1f}%); "
-                f"reference step {r['reference_ms']:.0f} ms (views {op_ms['views original']:.1f} ms = "
-                f"{100 * s['original']['views']:.1f}%, nce {op_ms['nce original']:.1f} ms = "
+                f"step batch {B} {T}×{H}×{W}: fused step {r['fused_ms']:.0f} ms (views {op_ms['views fused']:.3g} ms = "
+                f"{100 * s['fused']['views']:.1f}%, nce {op_ms['nce fused']:.3g} ms = {100 * s['fused']['nce']:.1f}%); "
+                f"reference step {r['reference_ms']:.0f} ms (views {op_ms['views original']:.3g} ms = "
+                f"{100 * s['original']['views']:.1f}%, nce {op_ms['nce original']:.3g} ms = "
                 f"{100 * s['original']['nce']:.1f}%)"
             )
             cfg.log("  " + notes[-1])

@@ -81,9 +81,14 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> Optional[str]:
+    """HEAD of the checkout, with ``+dirty`` when tracked files differ from it (then HEAD alone does not
+    say what was measured)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, stderr=subprocess.DEVNULL, text=True).strip()
+        run = lambda *a: subprocess.check_output(["git", *a], cwd=root, stderr=subprocess.DEVNULL, text=True)  # noqa: E731
+        head = run("rev-parse", "HEAD").strip()
+        dirty = run("status", "--porcelain", "--untracked-files=no").strip()
+        return head + ("+dirty" if dirty else "")
     except Exception:
         return None
 

@@ -26,7 +26,7 @@ def markdown(rows: List[dict], meta: dict) -> str:
         "",
         f"torch {meta['torch']}, {meta['threads']} thread(s), CPU capability {meta.get('cpu_capability')}, "
         f"copy bandwidth {meta['bandwidth_gbps']:.1f} GB/s, {'--quick' if meta['quick'] else 'full'} run, "
-        f"{meta['repeats']} interleaved blocks per arm, commit {str(meta.get('commit'))[:10]}, {meta['date']}, "
+        f"{meta['repeats']} interleaved blocks per arm, commit {_short_commit(meta.get('commit'))}, {meta['date']}, "
         f"load average {meta.get('load_average')}.",
         "",
         "Times are medians (min–max) per call in ms; ratio = baseline / fused (above 1: fused is faster); "
@@ -81,6 +81,11 @@ def markdown(rows: List[dict], meta: dict) -> str:
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _short_commit(commit) -> str:
+    commit = str(commit)
+    return commit[:10] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
 def plot(rows: List[dict], meta: dict, path: str) -> bool:
