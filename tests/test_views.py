@@ -270,6 +270,28 @@ def test_iic_views_match_reference(device, dtype, layout, shape, norm):
         torch.testing.assert_close(g, w, rtol=max(rtol, 1e-6), atol=max(atol, 1e-6))
 
 
+@pytest.mark.parametrize("C", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", ["dense", "gapped"])
+@pytest.mark.parametrize("W", [7, 37])
+def test_iic_views_channels_last_any_channel_count(C, dtype, rows, W):
+    """Pixels of C interleaved channels (a decoded [B, T, H, W, C] batch), with dense rows or rows that
+    have gaps between them, for every channel count the kernel special-cases and one beyond; W = 37
+    takes the 16-pixel steps of the RGB path and a tail."""
+    B, T, H = 2, 5, 6
+    frames = make_clip((B, T, 2 * H if rows == "gapped" else H, W, C), dtype)
+    frames = frames[:, :, ::2] if rows == "gapped" else frames
+    x = frames.permute(0, 4, 1, 2, 3)
+    idx = indices.shuffle_index(B, T, torch.Generator().manual_seed(3), "permute")
+    mean, std = [0.1 * (c + 1) for c in range(C)], [0.2 + 0.05 * c for c in range(C)]
+    got = ops.iic_views(x, idx, mean=mean, std=std)
+    want = reference.iic_views(x, idx, mean, std)
+    for g, w in zip(got, want):
+        assert g.is_contiguous() and g.dtype == w.dtype
+        rtol, atol = tolerance(w.dtype)
+        torch.testing.assert_close(g, w, rtol=max(rtol, 1e-6), atol=max(atol, 1e-6))
+
+
 def test_iic_views_from_decoded_frames_layout():
     frames = make_clip((2, 6, 8, 10, 3), torch.uint8)  # [B, T, H, W, C] as decoded
     idx = indices.repeat_index(2, 6, torch.Generator().manual_seed(0))
