@@ -11,22 +11,16 @@
 //   iic_scores(l, ab, banks, idx, inv_t)       (grad_l, grad_ab) = _iic_scores_backward(...)
 //   iic_softmax_loss(l, ab, banks, idx, inv_t) grad = saved d loss / d feature (an output of the forward)
 //                                              times the incoming per-sample gradient
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "op_handles.h"
 
 namespace iic_ext {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-using OptTensor = std::optional<at::Tensor>;
 
 at::ScalarType saved_dtype(AutogradContext* ctx, const char* key) {
   return static_cast<at::ScalarType>(ctx->saved_data[key].toInt());
@@ -41,14 +35,15 @@ class ResidualFrames : public torch::autograd::Function<ResidualFrames> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& clip, bool scaled,
                             std::optional<at::ScalarType> out_dtype) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto fwd = op<at::Tensor(const at::Tensor&, bool, std::optional<at::ScalarType>)>("iic_ext::residual_frames");
+    static auto fwd =
+        op_handle<at::Tensor(const at::Tensor&, bool, std::optional<at::ScalarType>)>("iic_ext::residual_frames");
     ctx->saved_data["scaled"] = scaled;
     ctx->saved_data["dtype"] = static_cast<int64_t>(clip.scalar_type());
     return fwd.call(clip, scaled, out_dtype);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op<at::Tensor(const at::Tensor&, bool)>("iic_ext::_residual_frames_backward");
+    static auto bwd = op_handle<at::Tensor(const at::Tensor&, bool)>("iic_ext::_residual_frames_backward");
     at::Tensor g = bwd.call(grads[0], ctx->saved_data["scaled"].toBool()).to(saved_dtype(ctx, "dtype"));
     return {g, at::Tensor(), at::Tensor()};
   }
@@ -62,7 +57,7 @@ class TemporalGather : public torch::autograd::Function<TemporalGather> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& clip, const at::Tensor& time_index) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto fwd = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("iic_ext::temporal_gather");
+    static auto fwd = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&)>("iic_ext::temporal_gather");
     ctx->save_for_backward({time_index});
     ctx->saved_data["frames"] = clip.sym_size(2);
     return fwd.call(clip, time_index);
@@ -70,7 +65,7 @@ class TemporalGather : public torch::autograd::Function<TemporalGather> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto bwd =
-        op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>("iic_ext::_temporal_gather_backward");
+        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>("iic_ext::_temporal_gather_backward");
     const auto saved = ctx->get_saved_variables();
     return {bwd.call(grads[0], saved[0], ctx->saved_data["frames"].toSymInt()), at::Tensor()};
   }
@@ -87,14 +82,15 @@ class BankScores : public torch::autograd::Function<BankScores> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& feat, const at::Tensor& bank,
                             const at::Tensor& idx) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto fwd = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("iic_ext::bank_scores");
+    static auto fwd =
+        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>("iic_ext::bank_scores");
     ctx->save_for_backward({bank, idx});
     ctx->saved_data["dtype"] = static_cast<int64_t>(feat.scalar_type());
     return fwd.call(feat, bank, idx);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>(
+    static auto bwd = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>(
         "iic_ext::_bank_scores_backward");
     const auto saved = ctx->get_saved_variables();
     at::Tensor g;
@@ -107,19 +103,13 @@ at::Tensor bank_scores_autograd(const at::Tensor& feat, const at::Tensor& bank, 
   return BankScores::apply(feat, bank, idx);
 }
 
-using IicScoresFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                      const at::Tensor&, const OptTensor&, const at::Tensor&, double);
-using IicBackwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                        const at::Tensor&, const OptTensor&, const at::Tensor&, double,
-                                                        at::ScalarType);
-
 class IicScores : public torch::autograd::Function<IicScores> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& l, const at::Tensor& ab,
                                const at::Tensor& bank_l, const at::Tensor& bank_ab, const OptTensor& bank_neg,
                                const at::Tensor& idx, double inv_t) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto fwd = op<IicScoresFn>("iic_ext::iic_scores");
+    static auto fwd = op_handle<IicScoresFn>("iic_ext::iic_scores");
     ctx->save_for_backward({bank_l, bank_ab, bank_neg.value_or(at::Tensor()), idx});
     ctx->saved_data["inv_t"] = inv_t;
     ctx->saved_data["dtype"] = static_cast<int64_t>(l.scalar_type());
@@ -128,7 +118,7 @@ class IicScores : public torch::autograd::Function<IicScores> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto bwd = op<IicBackwardFn>("iic_ext::_iic_scores_backward");
+    static auto bwd = op_handle<IicBackwardFn>("iic_ext::_iic_scores_backward");
     if (!ctx->needs_input_grad(0) && !ctx->needs_input_grad(1)) return variable_list(7);
     const auto s = ctx->get_saved_variables();
     auto [gl, gab] = bwd.call(grads[0], grads[1], s[0], s[1], optional_of(s[2]), s[3],
@@ -157,21 +147,21 @@ class IicSoftmaxLoss : public torch::autograd::Function<IicSoftmaxLoss> {
                                const at::Tensor& bank_l, const at::Tensor& bank_ab, const OptTensor& bank_neg,
                                const at::Tensor& idx, double inv_t) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto fwd = op<LossFn>("iic_ext::iic_softmax_loss");
+    static auto fwd = op_handle<LossFn>("iic_ext::iic_softmax_loss");
     auto [loss_l, loss_ab, grad_l, grad_ab] = fwd.call(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t);
     // the per-sample gradients are results, not functions of the inputs to differentiate through
     ctx->mark_non_differentiable({grad_l, grad_ab});
     ctx->save_for_backward({grad_l, grad_ab});
-    ctx->saved_data["dtype_l"] = static_cast<int64_t>(l.scalar_type());
-    ctx->saved_data["dtype_ab"] = static_cast<int64_t>(ab.scalar_type());
+    ctx->saved_data["dtype"] = static_cast<int64_t>(l.scalar_type());  // ab's too: the op requires it
     return {loss_l, loss_ab, grad_l, grad_ab};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
+    const at::ScalarType dtype = saved_dtype(ctx, "dtype");
     variable_list out(7);
-    if (ctx->needs_input_grad(0)) out[0] = s[0].mul(grads[0].unsqueeze(1)).to(saved_dtype(ctx, "dtype_l"));
-    if (ctx->needs_input_grad(1)) out[1] = s[1].mul(grads[1].unsqueeze(1)).to(saved_dtype(ctx, "dtype_ab"));
+    if (ctx->needs_input_grad(0)) out[0] = s[0].mul(grads[0].unsqueeze(1)).to(dtype);
+    if (ctx->needs_input_grad(1)) out[1] = s[1].mul(grads[1].unsqueeze(1)).to(dtype);
     return out;
   }
 };

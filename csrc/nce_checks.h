@@ -112,6 +112,15 @@ inline IicArgs check_iic(const at::Tensor& l, const at::Tensor& ab, const at::Te
   return {l.size(0), idx.size(1), D, bank_l.size(0), bank_neg.has_value()};
 }
 
+// The arguments of iic_softmax_loss: those of iic_scores, and the positive's column.
+inline IicArgs check_iic_loss(const at::Tensor& l, const at::Tensor& ab, const at::Tensor& bank_l,
+                              const at::Tensor& bank_ab, const std::optional<at::Tensor>& bank_neg,
+                              const at::Tensor& idx) {
+  const IicArgs a = check_iic(l, ab, bank_l, bank_ab, bank_neg, idx);
+  TORCH_CHECK(a.K1 >= 1, "idx must have at least one column (column 0 is the positive), got shape ", idx.sizes());
+  return a;
+}
+
 // The arguments of _iic_scores_backward: gradients [B, C] with C = 2 (K+1) with bank_neg, else K+1.
 inline IicArgs check_iic_backward(const at::Tensor& grad_l, const at::Tensor& grad_ab, const at::Tensor& bank_l,
                                   const at::Tensor& bank_ab, const std::optional<at::Tensor>& bank_neg,

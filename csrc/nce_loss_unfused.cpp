@@ -9,32 +9,20 @@
 // autograd graph: the backward of iic_softmax_loss only scales the saved gradient. It is the CUDA
 // kernel of iic_softmax_loss and, under its own name, runs on every device so that the CPU tests can
 // check it against the one-pass CPU kernel.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "nce_checks.h"
+#include "op_handles.h"
 
 namespace iic_ext {
 namespace {
 
-using OptTensor = std::optional<at::Tensor>;
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> iic_softmax_loss_unfused(
     const at::Tensor& l, const at::Tensor& ab, const at::Tensor& bank_l, const at::Tensor& bank_ab,
     const OptTensor& bank_neg, const at::Tensor& idx, double inv_t) {
-  static auto scores = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("iic_ext::iic_scores", "")
-                           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                     const at::Tensor&, const at::Tensor&,
-                                                                     const OptTensor&, const at::Tensor&, double)>();
-  static auto backward =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("iic_ext::_iic_scores_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, const OptTensor&, const at::Tensor&, double,
-                                                    at::ScalarType)>();
-  const IicArgs a = check_iic(l, ab, bank_l, bank_ab, bank_neg, idx);
-  TORCH_CHECK(a.K1 >= 1, "idx must have at least one column (column 0 is the positive), got shape ", idx.sizes());
+  static auto scores = op_handle<IicScoresFn>("iic_ext::iic_scores");
+  static auto backward = op_handle<IicBackwardFn>("iic_ext::_iic_scores_backward");
+  check_iic_loss(l, ab, bank_l, bank_ab, bank_neg, idx);
   const auto acc = acc_type_of(l.scalar_type(), bank_l.scalar_type());
   auto [out_l, out_ab] = scores.call(l.to(acc), ab.to(acc), bank_l, bank_ab, bank_neg, idx, inv_t);
   // loss and d loss / d logits of one view: softmax - onehot(0)

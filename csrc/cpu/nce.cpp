@@ -1173,8 +1173,7 @@ std::tuple<at::Tensor, at::Tensor> iic_scores_backward_cpu(const at::Tensor& gra
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> iic_softmax_loss_cpu(
     const at::Tensor& l, const at::Tensor& ab, const at::Tensor& bank_l, const at::Tensor& bank_ab,
     const std::optional<at::Tensor>& bank_neg, const at::Tensor& idx, double inv_t) {
-  const IicArgs a = check_iic(l, ab, bank_l, bank_ab, bank_neg, idx);
-  TORCH_CHECK(a.K1 >= 1, "idx must have at least one column (column 0 is the positive), got shape ", idx.sizes());
+  const IicArgs a = check_iic_loss(l, ab, bank_l, bank_ab, bank_neg, idx);
   const int64_t B = a.B, D = a.D, K1 = a.K1;
   const auto acc = acc_type_of(l.scalar_type(), bank_l.scalar_type());
   const auto opts = l.options().dtype(acc);
