@@ -69,63 +69,6 @@ IIC_EXT_AVX2 void norm_avx2(const in_t* x, out_t* o, int64_t n, at::opmath_type<
   norm_run(x, o, n, sc, m, is);
 }
 
-// Channels-last rows (pixels of CC interleaved channels, C innermost): one pass over the W pixels of a
-// row writes all CC output rows, so each pixel is read once and the loop has no runtime stride (the
-// compiler de-interleaves with shuffles instead of strided scalar loads).
-template <typename in_t, typename out_t, int CC>
-IIC_EXT_INLINE void rgb_res_pixels_run(const in_t* __restrict x, const in_t* __restrict xp, out_t* const* r,
-                                       out_t* const* d, int64_t W, at::opmath_type<out_t> sc,
-                                       const at::opmath_type<out_t>* m, const at::opmath_type<out_t>* is,
-                                       at::opmath_type<out_t> rs, at::opmath_type<out_t> ro) {
-  using acc_t = at::opmath_type<out_t>;
-  out_t* __restrict rr[CC];
-  out_t* __restrict dd[CC];
-  acc_t mm[CC], ii[CC];
-  for (int c = 0; c < CC; ++c) rr[c] = r[c], dd[c] = d[c], mm[c] = m[c], ii[c] = is[c];
-  for (int64_t w = 0; w < W; ++w) {
-    for (int c = 0; c < CC; ++c) {
-      const acc_t v = static_cast<acc_t>(x[w * CC + c]), p = static_cast<acc_t>(xp[w * CC + c]);
-      rr[c][w] = static_cast<out_t>((v * sc - mm[c]) * ii[c]);
-      dd[c][w] = static_cast<out_t>((v - p) * rs + ro);
-    }
-  }
-}
-
-template <typename in_t, typename out_t, int CC>
-IIC_EXT_INLINE void norm_pixels_run(const in_t* __restrict x, out_t* const* o, int64_t W, at::opmath_type<out_t> sc,
-                                    const at::opmath_type<out_t>* m, const at::opmath_type<out_t>* is) {
-  using acc_t = at::opmath_type<out_t>;
-  out_t* __restrict oo[CC];
-  acc_t mm[CC], ii[CC];
-  for (int c = 0; c < CC; ++c) oo[c] = o[c], mm[c] = m[c], ii[c] = is[c];
-  for (int64_t w = 0; w < W; ++w)
-    for (int c = 0; c < CC; ++c) oo[c][w] = static_cast<out_t>((static_cast<acc_t>(x[w * CC + c]) * sc - mm[c]) * ii[c]);
-}
-
-template <typename in_t, typename out_t, int CC>
-void rgb_res_pixels_base(const in_t* x, const in_t* xp, out_t* const* r, out_t* const* d, int64_t W,
-                         at::opmath_type<out_t> sc, const at::opmath_type<out_t>* m, const at::opmath_type<out_t>* is,
-                         at::opmath_type<out_t> rs, at::opmath_type<out_t> ro) {
-  rgb_res_pixels_run<in_t, out_t, CC>(x, xp, r, d, W, sc, m, is, rs, ro);
-}
-template <typename in_t, typename out_t, int CC>
-IIC_EXT_AVX2 void rgb_res_pixels_avx2(const in_t* x, const in_t* xp, out_t* const* r, out_t* const* d, int64_t W,
-                                      at::opmath_type<out_t> sc, const at::opmath_type<out_t>* m,
-                                      const at::opmath_type<out_t>* is, at::opmath_type<out_t> rs,
-                                      at::opmath_type<out_t> ro) {
-  rgb_res_pixels_run<in_t, out_t, CC>(x, xp, r, d, W, sc, m, is, rs, ro);
-}
-template <typename in_t, typename out_t, int CC>
-void norm_pixels_base(const in_t* x, out_t* const* o, int64_t W, at::opmath_type<out_t> sc,
-                      const at::opmath_type<out_t>* m, const at::opmath_type<out_t>* is) {
-  norm_pixels_run<in_t, out_t, CC>(x, o, W, sc, m, is);
-}
-template <typename in_t, typename out_t, int CC>
-IIC_EXT_AVX2 void norm_pixels_avx2(const in_t* x, out_t* const* o, int64_t W, at::opmath_type<out_t> sc,
-                                   const at::opmath_type<out_t>* m, const at::opmath_type<out_t>* is) {
-  norm_pixels_run<in_t, out_t, CC>(x, o, W, sc, m, is);
-}
-
 #if IIC_EXT_X86_DISPATCH
 // Decoded RGB frames (uint8, 3 interleaved channels) to float32: 16 pixels per step, split into
 // channels with byte shuffles, then 8 lanes of float arithmetic with the scalar loop's expressions
@@ -200,6 +143,76 @@ IIC_EXT_AVX2 void norm_rgb8_avx2(const uint8_t* x, float* const* o, int64_t W, f
 }
 #endif
 
+// Channels-last rows (pixels of CC interleaved channels, C innermost): one pass over the W pixels of a
+// row writes all CC output rows, so each pixel is read once and the loop has no runtime stride (the
+// compiler de-interleaves with shuffles instead of strided scalar loads).
+template <typename in_t, typename out_t, int CC>
+IIC_EXT_INLINE void rgb_res_pixels_run(const in_t* __restrict x, const in_t* __restrict xp, out_t* const* r,
+                                       out_t* const* d, int64_t W, at::opmath_type<out_t> sc,
+                                       const at::opmath_type<out_t>* m, const at::opmath_type<out_t>* is,
+                                       at::opmath_type<out_t> rs, at::opmath_type<out_t> ro) {
+  using acc_t = at::opmath_type<out_t>;
+  out_t* __restrict rr[CC];
+  out_t* __restrict dd[CC];
+  acc_t mm[CC], ii[CC];
+  for (int c = 0; c < CC; ++c) rr[c] = r[c], dd[c] = d[c], mm[c] = m[c], ii[c] = is[c];
+  for (int64_t w = 0; w < W; ++w) {
+    for (int c = 0; c < CC; ++c) {
+      const acc_t v = static_cast<acc_t>(x[w * CC + c]), p = static_cast<acc_t>(xp[w * CC + c]);
+      rr[c][w] = static_cast<out_t>((v * sc - mm[c]) * ii[c]);
+      dd[c][w] = static_cast<out_t>((v - p) * rs + ro);
+    }
+  }
+}
+
+template <typename in_t, typename out_t, int CC>
+IIC_EXT_INLINE void norm_pixels_run(const in_t* __restrict x, out_t* const* o, int64_t W, at::opmath_type<out_t> sc,
+                                    const at::opmath_type<out_t>* m, const at::opmath_type<out_t>* is) {
+  using acc_t = at::opmath_type<out_t>;
+  out_t* __restrict oo[CC];
+  acc_t mm[CC], ii[CC];
+  for (int c = 0; c < CC; ++c) oo[c] = o[c], mm[c] = m[c], ii[c] = is[c];
+  for (int64_t w = 0; w < W; ++w)
+    for (int c = 0; c < CC; ++c) oo[c][w] = static_cast<out_t>((static_cast<acc_t>(x[w * CC + c]) * sc - mm[c]) * ii[c]);
+}
+
+template <typename in_t, typename out_t, int CC>
+void rgb_res_pixels_base(const in_t* x, const in_t* xp, out_t* const* r, out_t* const* d, int64_t W,
+                         at::opmath_type<out_t> sc, const at::opmath_type<out_t>* m, const at::opmath_type<out_t>* is,
+                         at::opmath_type<out_t> rs, at::opmath_type<out_t> ro) {
+  rgb_res_pixels_run<in_t, out_t, CC>(x, xp, r, d, W, sc, m, is, rs, ro);
+}
+template <typename in_t, typename out_t, int CC>
+IIC_EXT_AVX2 void rgb_res_pixels_avx2(const in_t* x, const in_t* xp, out_t* const* r, out_t* const* d, int64_t W,
+                                      at::opmath_type<out_t> sc, const at::opmath_type<out_t>* m,
+                                      const at::opmath_type<out_t>* is, at::opmath_type<out_t> rs,
+                                      at::opmath_type<out_t> ro) {
+#if IIC_EXT_X86_DISPATCH
+  if constexpr (CC == 3 && std::is_same_v<in_t, uint8_t> && std::is_same_v<out_t, float>) {
+    rgb_res_rgb8_avx2(x, xp, r, d, W, sc, m, is, rs, ro);
+    return;
+  }
+#endif
+  rgb_res_pixels_run<in_t, out_t, CC>(x, xp, r, d, W, sc, m, is, rs, ro);
+}
+template <typename in_t, typename out_t, int CC>
+void norm_pixels_base(const in_t* x, out_t* const* o, int64_t W, at::opmath_type<out_t> sc,
+                      const at::opmath_type<out_t>* m, const at::opmath_type<out_t>* is) {
+  norm_pixels_run<in_t, out_t, CC>(x, o, W, sc, m, is);
+}
+template <typename in_t, typename out_t, int CC>
+IIC_EXT_AVX2 void norm_pixels_avx2(const in_t* x, out_t* const* o, int64_t W, at::opmath_type<out_t> sc,
+                                   const at::opmath_type<out_t>* m, const at::opmath_type<out_t>* is) {
+#if IIC_EXT_X86_DISPATCH
+  if constexpr (CC == 3 && std::is_same_v<in_t, uint8_t> && std::is_same_v<out_t, float>) {
+    norm_rgb8_avx2(x, o, W, sc, m, is);
+    return;
+  }
+#endif
+  norm_pixels_run<in_t, out_t, CC>(x, o, W, sc, m, is);
+}
+
+
 // Channels-last clip with CC channels (stride(1) == 1, stride(4) == CC): every (b, t, h) row at once.
 template <typename in_t, typename out_t, int CC>
 void views_pixels(const in_t* src, at::IntArrayRef ss, const at::TensorAccessor<int64_t, 2>& idx, int64_t B, int64_t T,
@@ -223,14 +236,6 @@ void views_pixels(const in_t* src, at::IntArrayRef ss, const at::TensorAccessor<
           const int64_t o = ((b * CC + c) * T + t) * plane + h * W;
           r[c] = rgb_p + o, d[c] = res_p + o;
         }
-#if IIC_EXT_X86_DISPATCH
-        if constexpr (CC == 3 && std::is_same_v<in_t, uint8_t> && std::is_same_v<out_t, float>) {
-          if (avx2) {
-            rgb_res_rgb8_avx2(x, xp, r, d, W, sc, m, is, rs, ro);
-            continue;
-          }
-        }
-#endif
         if (avx2)
           rgb_res_pixels_avx2<in_t, out_t, CC>(x, xp, r, d, W, sc, m, is, rs, ro);
         else
@@ -245,14 +250,6 @@ void views_pixels(const in_t* src, at::IntArrayRef ss, const at::TensorAccessor<
         const in_t* x = src + b * ss[0] + ts * ss[2] + h * ss[3];
         out_t* o[CC];
         for (int c = 0; c < CC; ++c) o[c] = neg_p + ((b * CC + c) * To + t) * plane + h * W;
-#if IIC_EXT_X86_DISPATCH
-        if constexpr (CC == 3 && std::is_same_v<in_t, uint8_t> && std::is_same_v<out_t, float>) {
-          if (avx2) {
-            norm_rgb8_avx2(x, o, W, sc, m, is);
-            continue;
-          }
-        }
-#endif
         if (avx2)
           norm_pixels_avx2<in_t, out_t, CC>(x, o, W, sc, m, is);
         else
