@@ -26,6 +26,11 @@ NCE_DTYPES = [
 ]
 LAYOUTS = ["contiguous", "channels_last", "sliced", "transposed"]
 
+# the trainer on tiny synthetic clips (4 frames, 32x32), for tests of whole training runs
+TINY_TRAIN = ["--dataset", "synthetic", "--num-videos", "8", "--clip-len", "4", "--resize", "32", "32",
+              "--crop-size", "32", "--batch-size", "4", "--nce-k", "5", "--workers", "0", "--no-progress",
+              "--print-freq", "1", "--seed", "7"]
+
 # error of a low-precision result against float64, allowed relative to the reference's own error
 LOW_PRECISION_FACTOR = 2.0
 

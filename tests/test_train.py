@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from conftest import TINY_TRAIN
 from iic_ext import train as T
 from iic_ext.nce import NCEAverage
 from iic_ext.ops import reference
@@ -15,9 +16,7 @@ from iic_ext.utils.misc import EpochSampler, seed_everything
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = ["--dataset", "synthetic", "--num-videos", "8", "--clip-len", "4", "--resize", "32", "32",
-        "--crop-size", "32", "--batch-size", "4", "--nce-k", "5", "--workers", "0", "--no-progress",
-        "--print-freq", "1", "--seed", "7"]
+TINY = TINY_TRAIN
 ORIGINAL_OPT = ["--lr", "0.01", "--momentum", "0.9", "--weight-decay", "1e-4", "--lr-schedule", "multistep",
                 "--milestones", "45", "90", "125", "160", "--lr-gamma", "0.2", "--warmup-epochs", "0",
                 "--nce-t", "0.07", "--nce-m", "0.5", "--no-normalize-features"]

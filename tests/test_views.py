@@ -253,6 +253,14 @@ def test_permute_is_never_identity_and_reverse_reverses():
 # ---- fused IIC views ------------------------------------------------------------------------------
 
 
+def _assert_views_match(got, want):
+    """The three views equal the reference's to the output dtype's rounding, contiguous."""
+    for g, w in zip(got, want):
+        assert g.is_contiguous() and g.dtype == w.dtype
+        rtol, atol = tolerance(w.dtype)
+        torch.testing.assert_close(g, w, rtol=max(rtol, 1e-6), atol=max(atol, 1e-6))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -264,10 +272,7 @@ def test_iic_views_match_reference(device, dtype, layout, shape, norm):
     mean, std = ([0.45, 0.4, 0.35], [0.2, 0.25, 0.3]) if norm else (None, None)
     got = ops.iic_views(x, idx, mean=mean, std=std)
     want = reference.iic_views(x, idx, mean, std)
-    for g, w in zip(got, want):
-        assert g.is_contiguous() and g.dtype == w.dtype
-        rtol, atol = tolerance(w.dtype)
-        torch.testing.assert_close(g, w, rtol=max(rtol, 1e-6), atol=max(atol, 1e-6))
+    _assert_views_match(got, want)
 
 
 @pytest.mark.parametrize("C", [1, 2, 3, 4, 5])
@@ -286,10 +291,7 @@ def test_iic_views_channels_last_any_channel_count(C, dtype, rows, W):
     mean, std = [0.1 * (c + 1) for c in range(C)], [0.2 + 0.05 * c for c in range(C)]
     got = ops.iic_views(x, idx, mean=mean, std=std)
     want = reference.iic_views(x, idx, mean, std)
-    for g, w in zip(got, want):
-        assert g.is_contiguous() and g.dtype == w.dtype
-        rtol, atol = tolerance(w.dtype)
-        torch.testing.assert_close(g, w, rtol=max(rtol, 1e-6), atol=max(atol, 1e-6))
+    _assert_views_match(got, want)
 
 
 def test_iic_views_from_decoded_frames_layout():

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from conftest import TINY_TRAIN
 from iic_ext import ops
 from iic_ext import train as T
 from iic_ext.nce import NCEAverage
@@ -89,9 +90,7 @@ def test_nce_average_softmax_losses_cuda_follow_cpu(intra_neg):
             torch.testing.assert_close(getattr(mods[1], name).cpu(), getattr(mods[0], name), rtol=1e-5, atol=1e-5)
 
 
-TINY = ["--dataset", "synthetic", "--num-videos", "8", "--clip-len", "4", "--resize", "32", "32",
-        "--crop-size", "32", "--batch-size", "4", "--nce-k", "5", "--workers", "0", "--no-progress",
-        "--print-freq", "1", "--seed", "7", "--epochs", "2"]
+TINY = TINY_TRAIN + ["--epochs", "2"]
 
 
 def _run(tmp_path, name, extra):
