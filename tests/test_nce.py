@@ -10,8 +10,9 @@ pytestmark = pytest.mark.skipif(not HAS_C, reason="compiled iic_ext._C not built
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")])]
 DTYPES = NCE_DTYPES
-# (B, K, D, N). The op's plan depends on the draws per bank row, B*K / N: above 4 a GEMM against the
-# whole bank (float32/float64 banks), above 1 the pairs grouped by row, else the rows gathered.
+# (B, K, D, N). The op's plan depends on the draws per bank row, B*K / N: above 4 (8 for iic_scores) a
+# GEMM against the whole bank (float32/float64 banks), above 1 the pairs grouped by row, else the rows
+# gathered. (3, 7, 1, 5) is a GEMM for bank_scores and grouped by row for iic_scores.
 DENSE_SHAPES = [(4, 50, 37, 20), (3, 7, 1, 5), (2, 600, 20, 100)]
 ROWS_SHAPES = [(16, 64, 128, 300), (8, 30, 19, 100), (3, 3, 1, 5)]
 GATHER_SHAPES = [(4, 5, 37, 1000), (2, 300, 33, 10000), (1, 1, 16, 10), (5, 3, 130, 64)]

@@ -43,6 +43,8 @@ namespace iic_ext {
 namespace {
 
 #define IIC_INLINE inline __attribute__((always_inline))
+// for lambdas, which would otherwise be compiled out of line without the caller's instruction set
+#define IIC_INLINE_FN __attribute__((always_inline))
 
 // ---- SIMD building blocks (GCC/Clang vector extensions: 64-byte vectors) ------------------------
 
@@ -125,6 +127,27 @@ IIC_INLINE void hsum4(typename Vec<T>::type v0, typename Vec<T>::type v1, typena
   } else {
     out[0] = hsum<T>(v0), out[1] = hsum<T>(v1), out[2] = hsum<T>(v2), out[3] = hsum<T>(v3);
   }
+}
+
+// Sixteen horizontal sums at once: lane i of the result is the sum of the lanes of v[i]. Each step adds
+// the two halves of every vector and packs two vectors' halves into one (512 -> 256 -> 128 -> 64 -> 32
+// bits per sum), so a sum's order depends only on its own vector.
+IIC_INLINE Vec<float>::type hsum16(const Vec<float>::type v[16]) {
+  using V = Vec<float>::type;
+  V x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i) {
+    const V a = v[2 * i], b = v[2 * i + 1];
+    x[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i)
+    y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(x[2 * i], x[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    z[i] = __builtin_shufflevector(y[2 * i], y[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(y[2 * i], y[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 // One dot product, two accumulators to halve the dependency chain.
@@ -280,6 +303,8 @@ struct Problem {
   int njobs;
   int nslots;  // feature gradients (backward)
   Job<bank_t, acc_t> jobs[3];
+  // the IIC layout (set_iic_jobs): jobs bank_ab with l, bank_l with ab and, when neg, bank_neg with both
+  bool iic = false, neg = false;
 };
 
 // (b, k) pairs grouped by bank row (a counting sort, stable): the pairs of row r are
@@ -486,50 +511,114 @@ struct LossProblem {
   const acc_t* s0;       // [2, B] logits of the positives
 };
 
-// The four logits of one IIC draw from three rows and two features, each row loaded once:
-// out = {r_ab . fl, r_neg . fl, r_l . fab, r_neg . fab}.
-template <typename T>
-IIC_INLINE void dot_draw(const T* r_l, const T* r_ab, const T* r_neg, const T* fl, const T* fab, int64_t D, T out[4]) {
+// A run: n draws (n <= kRun) of one bank row, by samples whose features are fl[j], fab[j]. The row's
+// vectors are loaded once per run and shared by its draws.
+constexpr int kRun = 4;
+
+// The logits of a run, out[4 j ..] = {r_ab . fl[j], r_neg . fl[j], r_l . fab[j], r_neg . fab[j]} (without
+// the negative bank, NEG false, slots 1 and 3 are 0). Each dot: vector partial sums in d order, then one
+// horizontal sum (float runs of 3 or 4: all at once with hsum16, so out has room for 4 kRun values).
+template <typename T, int n, bool NEG>
+IIC_INLINE void dot_run(const T* r_l, const T* r_ab, const T* r_neg, const T* const* fl, const T* const* fab,
+                        int64_t D, T* out) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
-  V s0{}, s1{}, s2{}, s3{};
+  V s[n][4];
+  for (int j = 0; j < n; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = V{};
   int64_t d = 0;
   for (; d + W <= D; d += W) {
-    const V a = vload(fl + d), b = vload(fab + d), n = vload(r_neg + d);
-    s0 += vload(r_ab + d) * a;
-    s1 += n * a;
-    s2 += vload(r_l + d) * b;
-    s3 += n * b;
+    const V rl = vload(r_l + d), rab = vload(r_ab + d);
+    V rn{};
+    if constexpr (NEG) rn = vload(r_neg + d);
+    for (int j = 0; j < n; ++j) {
+      const V a = vload(fl[j] + d), b = vload(fab[j] + d);
+      s[j][0] += rab * a;
+      s[j][2] += rl * b;
+      if constexpr (NEG) {
+        s[j][1] += rn * a;
+        s[j][3] += rn * b;
+      }
+    }
   }
-  T r[4];
-  hsum4<T>(s0, s1, s2, s3, r);
-  T r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
-  for (; d < D; ++d) {
-    r0 += r_ab[d] * fl[d];
-    r1 += r_neg[d] * fl[d];
-    r2 += r_l[d] * fab[d];
-    r3 += r_neg[d] * fab[d];
+  if constexpr (std::is_same_v<T, float> && n > 2) {  // the same sums as hsum4, in fewer operations
+    V a[16];
+    for (int j = 0; j < kRun; ++j)
+      for (int q = 0; q < 4; ++q) a[4 * j + q] = j < n ? s[j][q] : V{};
+    vstore(out, hsum16(a));
+  } else {
+    for (int j = 0; j < n; ++j) hsum4<T>(s[j][0], s[j][1], s[j][2], s[j][3], out + 4 * j);
   }
-  out[0] = r0;
-  out[1] = r1;
-  out[2] = r2;
-  out[3] = r3;
+  for (int j = 0; j < n; ++j) {
+    T* o = out + 4 * j;
+    for (int64_t e = d; e < D; ++e) {
+      o[0] += r_ab[e] * fl[j][e];
+      o[2] += r_l[e] * fab[j][e];
+      if constexpr (NEG) {
+        o[1] += r_neg[e] * fl[j][e];
+        o[3] += r_neg[e] * fab[j][e];
+      }
+    }
+  }
 }
 
-// acc_l += w0 r_ab + w1 r_neg, acc_ab += w2 r_l + w3 r_neg, each row loaded once.
-template <typename T>
-IIC_INLINE void axpy_draw(T* __restrict acc_l, T* __restrict acc_ab, const T w[4], const T* r_l, const T* r_ab,
-                          const T* r_neg, int64_t D) {
+// The accumulation of a run: acc_l[j] += w0 r_ab + w1 r_neg, acc_ab[j] += w2 r_l + w3 r_neg with
+// w = w[4 j ..] (without the negative bank only the first terms). Two draws of a run may share a sample
+// (the same pointers): each update is loaded and stored in draw order.
+template <typename T, int n, bool NEG>
+IIC_INLINE void axpy_run(T* const* acc_l, T* const* acc_ab, const T* w, const T* r_l, const T* r_ab,
+                         const T* r_neg, int64_t D) {
+  using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
   int64_t d = 0;
   for (; d + W <= D; d += W) {
-    const auto n = vload(r_neg + d);
-    vstore(acc_l + d, vload(acc_l + d) + w[0] * vload(r_ab + d) + w[1] * n);
-    vstore(acc_ab + d, vload(acc_ab + d) + w[2] * vload(r_l + d) + w[3] * n);
+    const V rl = vload(r_l + d), rab = vload(r_ab + d);
+    V rn{};
+    if constexpr (NEG) rn = vload(r_neg + d);
+    for (int j = 0; j < n; ++j) {
+      const T* wj = w + 4 * j;
+      if constexpr (NEG) {
+        vstore(acc_l[j] + d, vload(acc_l[j] + d) + wj[0] * rab + wj[1] * rn);
+        vstore(acc_ab[j] + d, vload(acc_ab[j] + d) + wj[2] * rl + wj[3] * rn);
+      } else {
+        vstore(acc_l[j] + d, vload(acc_l[j] + d) + wj[0] * rab);
+        vstore(acc_ab[j] + d, vload(acc_ab[j] + d) + wj[2] * rl);
+      }
+    }
   }
   for (; d < D; ++d) {
-    acc_l[d] += w[0] * r_ab[d] + w[1] * r_neg[d];
-    acc_ab[d] += w[2] * r_l[d] + w[3] * r_neg[d];
+    for (int j = 0; j < n; ++j) {
+      const T* wj = w + 4 * j;
+      if constexpr (NEG) {
+        acc_l[j][d] += wj[0] * r_ab[d] + wj[1] * r_neg[d];
+        acc_ab[j][d] += wj[2] * r_l[d] + wj[3] * r_neg[d];
+      } else {
+        acc_l[j][d] += wj[0] * r_ab[d];
+        acc_ab[j][d] += wj[2] * r_l[d];
+      }
+    }
+  }
+}
+
+// dot_run / axpy_run for a run length n (1 .. kRun) known at run time.
+template <bool NEG, typename T>
+IIC_INLINE void dot_run_n(int n, const T* r_l, const T* r_ab, const T* r_neg, const T* const* fl,
+                          const T* const* fab, int64_t D, T* out) {
+  switch (n) {
+    case 1: dot_run<T, 1, NEG>(r_l, r_ab, r_neg, fl, fab, D, out); break;
+    case 2: dot_run<T, 2, NEG>(r_l, r_ab, r_neg, fl, fab, D, out); break;
+    case 3: dot_run<T, 3, NEG>(r_l, r_ab, r_neg, fl, fab, D, out); break;
+    default: dot_run<T, kRun, NEG>(r_l, r_ab, r_neg, fl, fab, D, out); break;
+  }
+}
+
+template <bool NEG, typename T>
+IIC_INLINE void axpy_run_n(int n, T* const* acc_l, T* const* acc_ab, const T* w, const T* r_l, const T* r_ab,
+                           const T* r_neg, int64_t D) {
+  switch (n) {
+    case 1: axpy_run<T, 1, NEG>(acc_l, acc_ab, w, r_l, r_ab, r_neg, D); break;
+    case 2: axpy_run<T, 2, NEG>(acc_l, acc_ab, w, r_l, r_ab, r_neg, D); break;
+    case 3: axpy_run<T, 3, NEG>(acc_l, acc_ab, w, r_l, r_ab, r_neg, D); break;
+    default: axpy_run<T, kRun, NEG>(acc_l, acc_ab, w, r_l, r_ab, r_neg, D); break;
   }
 }
 
@@ -542,18 +631,15 @@ IIC_INLINE void scale_row(T* __restrict x, T c, int64_t D) {
   for (; d < D; ++d) x[d] *= c;
 }
 
-// out[i] = exp(x[i]), i < n. float: a Cephes-style polynomial on 2^k, 16 values per vector (within 2
-// ulp; below the smallest normal float the result is 0; NaN stays NaN); double: std::exp.
+// out[i] = exp(x[i]), i < n rounded up to whole vectors (x and out hold that many values). float: a
+// Cephes-style polynomial on 2^k, 16 values per vector (within 2 ulp; below the smallest normal float
+// the result is 0; NaN stays NaN); double: std::exp.
 IIC_INLINE void exp_n(const float* x, float* out, int n) {
   using V = Vec<float>::type;
   typedef int32_t VI __attribute__((vector_size(64)));
   constexpr int W = Vec<float>::W;
   for (int i = 0; i < n; i += W) {
-    float tmp[W] = {};
-    const int c = std::min(W, n - i);
-    std::memcpy(tmp, x + i, c * sizeof(float));
-    V v;
-    std::memcpy(&v, tmp, sizeof(v));
+    const V v = vload(x + i);
     const V lo = v - v - 87.33654f, hi = v - v + 88.0f, zero = v - v;
     V t = v < lo ? lo : (v > hi ? hi : v);
     const V fx = t * 1.44269504088896341f + 0.5f;
@@ -575,8 +661,7 @@ IIC_INLINE void exp_n(const float* x, float* out, int n) {
     y = y * p2;
     y = v < lo ? zero : y;
     y = v != v ? v : y;
-    std::memcpy(tmp, &y, sizeof(y));
-    std::memcpy(out + i, tmp, c * sizeof(float));
+    vstore(out + i, y);
   }
 }
 
@@ -599,37 +684,39 @@ constexpr int kDrawBlock = 16;  // draws whose exponentials are computed togethe
 // and bank_neg rows scored against l, bank_l and bank_neg rows against ab. The logits of the block come
 // first, then the shifts are raised where a logit exceeds them, then all exponentials at once (they
 // are independent: the vector unit and the out-of-order core overlap them), then the accumulation.
+// Consecutive draws of the same row form runs (up to kRun draws) that load the row once.
 // buf: 3 kDrawBlock D values (rows converted from a low-precision bank).
-template <typename bank_t, typename acc_t>
-IIC_INLINE void loss_block(const LossProblem<bank_t, acc_t>& p, const int64_t* bs, const int64_t* rs, int n,
-                           acc_t* buf, acc_t* m, acc_t* z, acc_t* acc, int64_t B) {
+template <bool NEG, typename bank_t, typename acc_t>
+IIC_INLINE void loss_block_runs(const LossProblem<bank_t, acc_t>& p, const int64_t* bs, const int64_t* rs, int n,
+                                acc_t* buf, acc_t* m, acc_t* z, acc_t* acc, int64_t B) {
   const int64_t D = p.D;
-  acc_t s[4 * kDrawBlock], w[4 * kDrawBlock];
+  acc_t s[4 * kDrawBlock + 4 * kRun], w[4 * kDrawBlock];  // s: room for dot_run's whole-vector store
+  int run[kDrawBlock + 1];  // run u is draws run[u] .. run[u + 1]
   const acc_t* rows[kDrawBlock][3];
-  for (int i = 0; i < n; ++i) {
-    const int64_t b = bs[i], r = rs[i];
-    const acc_t* fl = p.feat[0] + b * D;
-    const acc_t* fab = p.feat[1] + b * D;
-    acc_t* bb = buf + 3 * i * D;
-    const acc_t* r_l = rows[i][0] = load_row(p.bank[0], p.ld[0], r, D, bb);
-    const acc_t* r_ab = rows[i][1] = load_row(p.bank[1], p.ld[1], r, D, bb + D);
+  int nr = 0;
+  for (int i = 0; i < n; ++nr) {
+    int e = i + 1;
+    while (e < n && e - i < kRun && rs[e] == rs[i]) ++e;
+    run[nr] = i;
+    const int64_t r = rs[i];
+    acc_t* bb = buf + 3 * nr * D;
+    const acc_t* r_l = rows[nr][0] = load_row(p.bank[0], p.ld[0], r, D, bb);
+    const acc_t* r_ab = rows[nr][1] = load_row(p.bank[1], p.ld[1], r, D, bb + D);
+    const acc_t* r_neg = rows[nr][2] = NEG ? load_row(p.bank[2], p.ld[2], r, D, bb + 2 * D) : nullptr;
+    const acc_t* fl[kRun];
+    const acc_t* fab[kRun];
+    for (int j = 0; j < e - i; ++j) fl[j] = p.feat[0] + bs[i + j] * D, fab[j] = p.feat[1] + bs[i + j] * D;
     acc_t* si = s + 4 * i;
-    if (p.neg) {
-      const acc_t* r_neg = rows[i][2] = load_row(p.bank[2], p.ld[2], r, D, bb + 2 * D);
-      dot_draw(r_l, r_ab, r_neg, fl, fab, D, si);
-    } else {  // the CMC form: slots 1 and 3 (the negative bank's) stay unused
-      si[0] = dot1(r_ab, fl, D);
-      si[1] = 0;
-      si[2] = dot1(r_l, fab, D);
-      si[3] = 0;
-    }
-    for (int j = 0; j < 4; ++j) si[j] *= p.scale;
+    dot_run_n<NEG>(e - i, r_l, r_ab, r_neg, fl, fab, D, si);
+    i = e;
   }
+  run[nr] = n;
+  for (int i = 0; i < 4 * n; ++i) s[i] *= p.scale;
   for (int i = 0; i < n; ++i) {
     const int64_t b = bs[i];
     const acc_t* si = s + 4 * i;
-    const acc_t mx_l = p.neg ? std::max(si[0], si[1]) : si[0];
-    const acc_t mx_ab = p.neg ? std::max(si[2], si[3]) : si[2];
+    const acc_t mx_l = NEG ? std::max(si[0], si[1]) : si[0];
+    const acc_t mx_ab = NEG ? std::max(si[2], si[3]) : si[2];
     if (mx_l > m[b]) raise_shift(m[b], z[b], acc + b * D, mx_l, D);
     if (mx_ab > m[B + b]) raise_shift(m[B + b], z[B + b], acc + (B + b) * D, mx_ab, D);
   }
@@ -637,22 +724,36 @@ IIC_INLINE void loss_block(const LossProblem<bank_t, acc_t>& p, const int64_t* b
     const int64_t b = bs[i];
     for (int j = 0; j < 4; ++j) s[4 * i + j] -= m[j < 2 ? b : B + b];
   }
+  for (int i = 4 * n; i < 4 * kDrawBlock; ++i) s[i] = 0;  // whole vectors: the padding is computed, unused
   exp_n(s, w, 4 * n);
   for (int i = 0; i < n; ++i) {
     const int64_t b = bs[i];
     const acc_t* wi = w + 4 * i;
-    acc_t* acc_l = acc + b * D;
-    acc_t* acc_ab = acc + (B + b) * D;
-    if (p.neg) {
+    if (NEG) {
       z[b] += wi[0] + wi[1];
       z[B + b] += wi[2] + wi[3];
-      axpy_draw(acc_l, acc_ab, wi, rows[i][0], rows[i][1], rows[i][2], D);
     } else {
       z[b] += wi[0];
       z[B + b] += wi[2];
-      axpy1(acc_l, wi[0], rows[i][1], D);
-      axpy1(acc_ab, wi[2], rows[i][0], D);
     }
+  }
+  for (int u = 0; u < nr; ++u) {
+    const int i = run[u], len = run[u + 1] - i;
+    acc_t* acc_l[kRun];
+    acc_t* acc_ab[kRun];
+    for (int j = 0; j < len; ++j) acc_l[j] = acc + bs[i + j] * D, acc_ab[j] = acc + (B + bs[i + j]) * D;
+    const acc_t* const* r = rows[u];
+    axpy_run_n<NEG>(len, acc_l, acc_ab, w + 4 * i, r[0], r[1], r[2], D);
+  }
+}
+
+template <typename bank_t, typename acc_t>
+IIC_INLINE void loss_block(const LossProblem<bank_t, acc_t>& p, const int64_t* bs, const int64_t* rs, int n,
+                           acc_t* buf, acc_t* m, acc_t* z, acc_t* acc, int64_t B) {
+  if (p.neg) {
+    loss_block_runs<true>(p, bs, rs, n, buf, m, z, acc, B);
+  } else {  // the CMC form: slots 1 and 3 (the negative bank's) stay unused
+    loss_block_runs<false>(p, bs, rs, n, buf, m, z, acc, B);
   }
 }
 
@@ -699,6 +800,89 @@ IIC_INLINE void loss_rows_impl(const LossProblem<bank_t, acc_t>& p, const RowGro
   if (n > 0) loss_block(p, bs, rs, n, buf, m, z, acc, p.B);
 }
 
+// Runs of the draws of bank rows r0 .. r1 (grouped by row) for the IIC scores: fn(r_l, r_ab, r_neg, q, n)
+// for the n (<= kRun) pairs pair[q ..] of a row, with its three banks' rows loaded once per row.
+template <typename bank_t, typename acc_t, typename Fn>
+IIC_INLINE void for_each_iic_run(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,
+                                 acc_t* buf, Fn&& fn) {
+  const int64_t D = p.D;
+  const int32_t* st = g.start.data();
+  const auto &j_ab = p.jobs[0], &j_l = p.jobs[1], &j_neg = p.jobs[2];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t s = st[r], e = st[r + 1];
+    if (s == e) continue;
+    const acc_t* r_l = load_row(j_l.bank, j_l.ld, r, D, buf);
+    const acc_t* r_ab = load_row(j_ab.bank, j_ab.ld, r, D, buf + D);
+    const acc_t* r_neg = p.neg ? load_row(j_neg.bank, j_neg.ld, r, D, buf + 2 * D) : nullptr;
+    for (int64_t q = s; q < e; q += kRun) fn(r_l, r_ab, r_neg, q, static_cast<int>(std::min<int64_t>(kRun, e - q)));
+  }
+}
+
+// The IIC scores of bank rows r0 .. r1: all three banks' rows loaded once per run of draws and dotted
+// with both features (dot_run), as the loss does.
+template <typename bank_t, typename acc_t>
+IIC_INLINE void iic_fwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,
+                                  acc_t* buf) {
+  const int64_t D = p.D, K1 = p.Kc;
+  const int32_t* pr = g.pair.data();
+  acc_t* ml = p.jobs[0].mat[0];
+  acc_t* mab = p.jobs[1].mat[0];
+  const auto run = [&](const acc_t* r_l, const acc_t* r_ab, const acc_t* r_neg, int64_t q, int n) IIC_INLINE_FN {
+    const acc_t* fl[kRun];
+    const acc_t* fab[kRun];
+    for (int j = 0; j < n; ++j) {
+      const int64_t b = g.b_of(pr[q + j]);
+      fl[j] = p.jobs[0].feat[0] + b * D, fab[j] = p.jobs[1].feat[0] + b * D;
+    }
+    acc_t o[4 * kRun];
+    if (p.neg) {
+      dot_run_n<true>(n, r_l, r_ab, r_neg, fl, fab, D, o);
+    } else {
+      dot_run_n<false>(n, r_l, r_ab, r_neg, fl, fab, D, o);
+    }
+    for (int j = 0; j < n; ++j) {
+      const int64_t at = g.at_of(pr[q + j]);
+      ml[at] = o[4 * j] * p.scale;
+      mab[at] = o[4 * j + 2] * p.scale;
+      if (p.neg) {
+        ml[at + K1] = o[4 * j + 1] * p.scale;
+        mab[at + K1] = o[4 * j + 3] * p.scale;
+      }
+    }
+  };
+  for_each_iic_run(p, g, r0, r1, buf, run);
+}
+
+// part[slot][b][D] += the IIC score gradients of bank rows r0 .. r1, each run of draws loading the rows
+// once and updating both views' sums (axpy_run).
+template <typename bank_t, typename acc_t>
+IIC_INLINE void iic_bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,
+                                  acc_t* part, acc_t* buf) {
+  const int64_t D = p.D, B = p.B, K1 = p.Kc;
+  const int32_t* pr = g.pair.data();
+  const acc_t* gl = p.jobs[0].mat[0];
+  const acc_t* gab = p.jobs[1].mat[0];
+  const auto run = [&](const acc_t* r_l, const acc_t* r_ab, const acc_t* r_neg, int64_t q, int n) IIC_INLINE_FN {
+    acc_t w[4 * kRun];
+    acc_t* acc_l[kRun];
+    acc_t* acc_ab[kRun];
+    for (int j = 0; j < n; ++j) {
+      const int64_t at = g.at_of(pr[q + j]), b = g.b_of(pr[q + j]);
+      w[4 * j] = gl[at] * p.scale;
+      w[4 * j + 2] = gab[at] * p.scale;
+      w[4 * j + 1] = p.neg ? gl[at + K1] * p.scale : acc_t(0);
+      w[4 * j + 3] = p.neg ? gab[at + K1] * p.scale : acc_t(0);
+      acc_l[j] = part + b * D, acc_ab[j] = part + (B + b) * D;
+    }
+    if (p.neg) {
+      axpy_run_n<true>(n, acc_l, acc_ab, w, r_l, r_ab, r_neg, D);
+    } else {
+      axpy_run_n<false>(n, acc_l, acc_ab, w, r_l, r_ab, r_neg, D);
+    }
+  };
+  for_each_iic_run(p, g, r0, r1, buf, run);
+}
+
 #define IIC_NCE_UNITS(NS, ATTR)                                                                           \
   namespace NS {                                                                                          \
   template <typename bank_t, typename acc_t>                                                              \
@@ -708,7 +892,7 @@ IIC_INLINE void loss_rows_impl(const LossProblem<bank_t, acc_t>& p, const RowGro
   template <typename bank_t, typename acc_t>                                                              \
   ATTR void fwd_rows(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t u0, int64_t u1,         \
                      acc_t* buf) {                                                                        \
-    fwd_rows_impl(p, g, u0, u1, buf);                                                                     \
+    if (p.iic) iic_fwd_rows_impl(p, g, u0, u1, buf); else fwd_rows_impl(p, g, u0, u1, buf);               \
   }                                                                                                       \
   template <typename bank_t, typename acc_t>                                                              \
   ATTR void bwd_gather(const Problem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1,                \
@@ -718,7 +902,7 @@ IIC_INLINE void loss_rows_impl(const LossProblem<bank_t, acc_t>& p, const RowGro
   template <typename bank_t, typename acc_t>                                                              \
   ATTR void bwd_rows(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t u0, int64_t u1,         \
                      acc_t* part, acc_t* buf) {                                                           \
-    bwd_rows_impl(p, g, u0, u1, part, buf);                                                               \
+    if (p.iic) iic_bwd_rows_impl(p, g, u0, u1, part, buf); else bwd_rows_impl(p, g, u0, u1, part, buf);   \
   }                                                                                                       \
   template <typename bank_t, typename acc_t>                                                              \
   ATTR void loss_gather(const LossProblem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1, acc_t* m,  \
@@ -786,8 +970,10 @@ constexpr int64_t kPairBlock = 256;  // pairs (b, k) per gather task
 
 // Grouping by row pays once the draws outnumber the bank's rows (every touched row is then read once
 // and in order); with few draws, gathering avoids the O(N) pass. With several draws per row a GEMM
-// against the whole bank (B dots per row, at BLAS speed) beats both. IIC_EXT_NCE_GROUP_RATIO and
-// IIC_EXT_NCE_DENSE_RATIO (draws per bank row) tune the switches.
+// against the whole bank (B dots per row, at BLAS speed) beats both: from 4 draws per row for one bank,
+// from 8 for the IIC scores, whose grouped kernels read the three banks' rows once for all four dots
+// (measured at 7 draws per row they match the GEMMs, at 5 they are 1.5x faster). IIC_EXT_NCE_GROUP_RATIO
+// and IIC_EXT_NCE_DENSE_RATIO (draws per bank row; the IIC switch is twice the latter) tune the switches.
 double env_ratio(const char* name, double fallback) {
   const char* s = std::getenv(name);
   return s ? std::atof(s) : fallback;
@@ -799,10 +985,11 @@ bool group_rows(int64_t pairs, int64_t N) {
 }
 
 template <typename bank_t, typename acc_t>
-bool use_dense(int64_t pairs, int64_t N) {
+bool use_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
   static const double ratio = env_ratio("IIC_EXT_NCE_DENSE_RATIO", 4.0);
+  const double pairs = static_cast<double>(p.B * p.Kc);
   // the GEMM reads the bank in the accumulation type: float32 with float32, float64 with float64
-  return std::is_same_v<bank_t, acc_t> && static_cast<double>(pairs) > ratio * static_cast<double>(N);
+  return std::is_same_v<bank_t, acc_t> && pairs > (p.iic ? 2 : 1) * ratio * static_cast<double>(N);
 }
 
 template <typename acc_t>
@@ -876,13 +1063,13 @@ void run_forward(const Problem<bank_t, acc_t>& p, int64_t N) {
   const int64_t P = p.B * p.Kc;
   if (P == 0) return;
   const int64_t D = p.D;
-  if (use_dense<bank_t, acc_t>(P, N)) {
+  if (use_dense(p, N)) {
     forward_dense(p, N);
   } else if (group_rows(P, N) && groupable(p.B, p.Kc, N)) {
     const RowGroups g = group_by_row(p.idx, p.B, p.Kc, p.C, N);
     at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
       const DenormalsAreZero daz;
-      std::vector<acc_t> buf(D);
+      std::vector<acc_t> buf(3 * D);
       IIC_NCE_DISPATCH(fwd_rows, p, g, r0, r1, buf.data());
     });
   } else {
@@ -916,7 +1103,7 @@ at::Tensor run_backward(const Problem<bank_t, acc_t>& p, int64_t N, const at::Te
   const int64_t B = p.B, D = p.D, S = p.nslots;
   const int64_t P = B * p.Kc;
   if (P == 0 || D == 0) return at::zeros({S, B, D}, opts);
-  if (use_dense<bank_t, acc_t>(P, N)) return backward_dense(p, N);
+  if (use_dense(p, N)) return backward_dense(p, N);
   if (group_rows(P, N) && groupable(p.B, p.Kc, N)) {
     const RowGroups g = group_by_row(p.idx, p.B, p.Kc, p.C, N);
     const int64_t nseg = std::clamp<int64_t>(std::min(N, P) / 2048, 1, 32);
@@ -924,7 +1111,7 @@ at::Tensor run_backward(const Problem<bank_t, acc_t>& p, int64_t N, const at::Te
     acc_t* pp = part.mutable_data_ptr<acc_t>();
     at::parallel_for(0, nseg, 1, [&](int64_t s0, int64_t s1) {
       const DenormalsAreZero daz;
-      std::vector<acc_t> buf(D);
+      std::vector<acc_t> buf(3 * D);
       for (int64_t s = s0; s < s1; ++s) {
         IIC_NCE_DISPATCH(bwd_rows, p, g, N * s / nseg, N * (s + 1) / nseg, pp + s * S * B * D, buf.data());
       }
@@ -1107,6 +1294,7 @@ void set_iic_jobs(Problem<bank_t, acc_t>& p, const at::Tensor& bl, const at::Ten
   j1.bank = bl.const_data_ptr<bank_t>(), j1.ld = bl.stride(0), j1.nf = 1;
   j1.feat[0] = ab, j1.mat[0] = mat_ab, j1.off[0] = 0, j1.slot[0] = 1;
   p.njobs = 2;
+  p.iic = true, p.neg = bneg.has_value();
   if (bneg.has_value()) {
     auto& j2 = p.jobs[2];
     j2.bank = bneg->const_data_ptr<bank_t>(), j2.ld = bneg->stride(0), j2.nf = 2;
