@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/simd.h"
 
 extern "C" {
 // Importing iic_ext._C loads this library, which runs the registrations below; the module itself
@@ -63,4 +64,6 @@ TORCH_LIBRARY(iic_ext, m) {
   // previous setting. CPU indices are always checked.
   m.def("_set_gpu_index_checks(bool enabled) -> bool",
         [](bool enabled) { return iic_ext::gpu_index_checks().exchange(enabled); });
+  // the instruction set the CPU kernels use: "avx512", "avx2" or "base" (capped by IIC_EXT_CPU_ISA)
+  m.def("_cpu_isa() -> str", [] { return std::string(iic_ext::isa_name(iic_ext::cpu_isa())); });
 }

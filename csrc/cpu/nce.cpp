@@ -38,6 +38,7 @@
 
 #include "common.h"
 #include "nce_checks.h"
+#include "simd.h"
 
 namespace iic_ext {
 namespace {
@@ -921,23 +922,6 @@ IIC_NCE_UNITS(isa_avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx51
 IIC_NCE_UNITS(isa_avx2, __attribute__((target("avx2,fma,f16c"))))
 #endif
 IIC_NCE_UNITS(isa_base, )
-
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-  static const Isa isa = [] {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    if (avx2) return Isa::kAvx2;
-#endif
-    return Isa::kBase;
-  }();
-  return isa;
-}
 
 #if defined(__x86_64__) || defined(__i386__)
 #define IIC_NCE_DISPATCH(FN, ...)                                         \
