@@ -267,6 +267,42 @@ def test_iic_scores_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+
+# 2^18 pairs or more are grouped by several tasks, each keeping the pairs of its range of rows; 3 draws
+# per bank row keeps both ops on the grouped plan
+MANY_PAIRS = (64, 4096, 8, 87381)
+
+
+def test_many_pairs_grouped_in_parallel_match_reference_at_every_thread_count():
+    B, K, D, N = MANY_PAIRS
+    feat, bank, idx = _inputs(B, K, D, N, torch.float64, torch.float64)
+    l, ab, bl, bab, bneg, _ = _iic_inputs(B, K, D, N, torch.float64, torch.float64)
+    grad = torch.randn(B, K, dtype=torch.float64)
+    gl, gab = torch.randn(2, B, 2 * K, dtype=torch.float64)
+    x = feat.clone().requires_grad_()
+    want_s = reference.bank_scores(x, bank, idx)
+    (want_sf,) = torch.autograd.grad(want_s, x, grad)
+    x, y = l.clone().requires_grad_(), ab.clone().requires_grad_()
+    want_i = reference.iic_scores(x, y, bl, bab, bneg, idx, 3.0)
+    want_ig = torch.autograd.grad(want_i, (x, y), (gl, gab))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            x = feat.clone().requires_grad_()
+            s = bank_scores(x, bank, idx)
+            (sf,) = torch.autograd.grad(s, x, grad)
+            x, y = l.clone().requires_grad_(), ab.clone().requires_grad_()
+            o = iic_scores(x, y, bl, bab, bneg, idx, 3.0)
+            runs.append((s, sf, *o, *torch.autograd.grad(o, (x, y), (gl, gab))))
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(runs[0], (want_s, want_sf, *want_i, *want_ig)):
+        assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
 # ---- bank_update_ --------------------------------------------------------------------------------------
 
 

@@ -117,6 +117,25 @@ def test_deterministic_across_thread_counts():
             assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
+
+def test_many_pairs_grouped_in_parallel():
+    # 2^18 pairs or more are grouped by row by several tasks (one per range of rows)
+    l, ab, bl, bab, bneg, idx = _inputs(64, 4096, 8, 87381, torch.float64, torch.float64)
+    w = torch.rand(2, 64, dtype=torch.float64)
+    want = _loss_and_grads(reference.iic_softmax_loss, l, ab, (bl, bab, bneg), idx, 3.0, w)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_loss_and_grads(iic_softmax_loss, l, ab, (bl, bab, bneg), idx, 3.0, w))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(runs[0], want):
+        assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
 def test_repeated_draws_count_each_time():
     # a row drawn twice by a sample is two columns of the softmax, as in the reference
     l, ab, bl, bab, bneg, idx = _inputs(2, 6, 8, 5)

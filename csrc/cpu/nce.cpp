@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -309,9 +310,10 @@ struct Problem {
 };
 
 // (b, k) pairs grouped by bank row (a counting sort, stable): the pairs of row r are
-// pair[start[r] .. start[r + 1]), encoded (b << shift) | k, in increasing (b, k) order.
+// pair[start[r] .. start[r + 1]), encoded (b << shift) | k, in increasing (b, k) order. When asked for,
+// where[b * Kc + k] is the position of pair (b, k) in pair (the inverse permutation).
 struct RowGroups {
-  std::vector<int32_t> start, pair;
+  std::vector<int32_t> start, pair, where;
   int shift;
   int64_t C;
   IIC_INLINE int64_t b_of(int32_t e) const { return e >> shift; }
@@ -332,7 +334,7 @@ bool groupable(int64_t B, int64_t Kc, int64_t N) {
 // Counting sort, in parallel over ranges of rows: each task scans all pairs in (b, k) order and keeps
 // those of its rows, so the tasks write disjoint parts of the output (no shared cache lines) and every
 // row lists its pairs in (b, k) order whatever the number of tasks.
-RowGroups group_by_row(const int64_t* idx, int64_t B, int64_t Kc, int64_t C, int64_t N) {
+RowGroups group_by_row(const int64_t* idx, int64_t B, int64_t Kc, int64_t C, int64_t N, bool with_where = false) {
   RowGroups g;
   g.shift = ceil_log2(Kc);
   g.C = C;
@@ -353,7 +355,9 @@ RowGroups group_by_row(const int64_t* idx, int64_t B, int64_t Kc, int64_t C, int
   for (int64_t r = 0; r < N; ++r) st[r + 1] = st[r] + cnt[r];
   std::copy(g.start.begin(), g.start.end(), cnt.begin());  // write positions
   g.pair.resize(P);
+  if (with_where) g.where.resize(P);
   int32_t* pr = g.pair.data();
+  int32_t* wh = g.where.data();
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const uint64_t lo = N * c / nch, span = N * (c + 1) / nch - lo;
@@ -361,8 +365,12 @@ RowGroups group_by_row(const int64_t* idx, int64_t B, int64_t Kc, int64_t C, int
       for (int64_t b = 0; b < B; ++b) {
         const int64_t* ix = idx + b * Kc;
         const int32_t hi = static_cast<int32_t>(b << g.shift);
-        for (int64_t k = 0; k < Kc; ++k)
-          if (static_cast<uint64_t>(ix[k]) - lo < span) pr[pos[ix[k]]++] = hi | static_cast<int32_t>(k);
+        for (int64_t k = 0; k < Kc; ++k) {
+          if (static_cast<uint64_t>(ix[k]) - lo >= span) continue;
+          const int32_t q = pos[ix[k]]++;
+          pr[q] = hi | static_cast<int32_t>(k);
+          if (with_where) wh[b * Kc + k] = q;
+        }
       }
     }
   });
@@ -404,30 +412,35 @@ IIC_INLINE void fwd_gather_impl(const Problem<bank_t, acc_t>& p, int64_t b, int6
 }
 
 // Scores of every pair of bank rows r0 .. r1: each touched row read once, dotted with all its pairs.
+// The scores go to sc[q * W + w] in pair order (q the pair's position, w counting (job, feature) in
+// order, W in all): the tasks write disjoint ranges, where writing each score to its place in the
+// output would have both threads storing into the same cache lines (a row's pairs are spread over
+// the whole output).
 template <typename bank_t, typename acc_t>
 IIC_INLINE void fwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,
-                              acc_t* buf) {
+                              acc_t* buf, acc_t* sc, int W) {
   const int64_t D = p.D;
   const int32_t* st = g.start.data();
   const int32_t* pr = g.pair.data();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t s = st[r], e = st[r + 1];
     if (s == e) continue;
+    int w = 0;
     for (int j = 0; j < p.njobs; ++j) {
       const auto& job = p.jobs[j];
       const acc_t* row = load_row(job.bank, job.ld, r, D, buf);
-      for (int i = 0; i < job.nf; ++i) {
+      for (int i = 0; i < job.nf; ++i, ++w) {
         const acc_t* feat = job.feat[i];
-        acc_t* mat = job.mat[i] + job.off[i];
+        acc_t* out = sc + w;
         int64_t q = s;
         for (; q + 4 <= e; q += 4) {
           const acc_t* fv[4];
           for (int t = 0; t < 4; ++t) fv[t] = feat + g.b_of(pr[q + t]) * D;
           acc_t o[4];
           dot1x4(row, fv, D, o);
-          for (int t = 0; t < 4; ++t) mat[g.at_of(pr[q + t])] = o[t] * p.scale;
+          for (int t = 0; t < 4; ++t) out[(q + t) * W] = o[t] * p.scale;
         }
-        for (; q < e; ++q) mat[g.at_of(pr[q])] = dot1(row, feat + g.b_of(pr[q]) * D, D) * p.scale;
+        for (; q < e; ++q) out[q * W] = dot1(row, feat + g.b_of(pr[q]) * D, D) * p.scale;
       }
     }
   }
@@ -820,14 +833,13 @@ IIC_INLINE void for_each_iic_run(const Problem<bank_t, acc_t>& p, const RowGroup
 }
 
 // The IIC scores of bank rows r0 .. r1: all three banks' rows loaded once per run of draws and dotted
-// with both features (dot_run), as the loss does.
+// with both features (dot_run), as the loss does. Written to sc in pair order as fwd_rows_impl does,
+// in the order of the jobs set by set_iic_jobs: {bank_ab . l, bank_l . ab, bank_neg . l, bank_neg . ab}.
 template <typename bank_t, typename acc_t>
 IIC_INLINE void iic_fwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,
-                                  acc_t* buf) {
-  const int64_t D = p.D, K1 = p.Kc;
+                                  acc_t* buf, acc_t* sc) {
+  const int64_t D = p.D;
   const int32_t* pr = g.pair.data();
-  acc_t* ml = p.jobs[0].mat[0];
-  acc_t* mab = p.jobs[1].mat[0];
   const auto run = [&](const acc_t* r_l, const acc_t* r_ab, const acc_t* r_neg, int64_t q, int n) IIC_INLINE_FN {
     const acc_t* fl[kRun];
     const acc_t* fab[kRun];
@@ -838,16 +850,19 @@ IIC_INLINE void iic_fwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGrou
     acc_t o[4 * kRun];
     if (p.neg) {
       dot_run_n<true>(n, r_l, r_ab, r_neg, fl, fab, D, o);
+      acc_t* out = sc + q * 4;
+      for (int j = 0; j < n; ++j, out += 4) {
+        out[0] = o[4 * j] * p.scale;
+        out[1] = o[4 * j + 2] * p.scale;
+        out[2] = o[4 * j + 1] * p.scale;
+        out[3] = o[4 * j + 3] * p.scale;
+      }
     } else {
       dot_run_n<false>(n, r_l, r_ab, r_neg, fl, fab, D, o);
-    }
-    for (int j = 0; j < n; ++j) {
-      const int64_t at = g.at_of(pr[q + j]);
-      ml[at] = o[4 * j] * p.scale;
-      mab[at] = o[4 * j + 2] * p.scale;
-      if (p.neg) {
-        ml[at + K1] = o[4 * j + 1] * p.scale;
-        mab[at + K1] = o[4 * j + 3] * p.scale;
+      acc_t* out = sc + q * 2;
+      for (int j = 0; j < n; ++j, out += 2) {
+        out[0] = o[4 * j] * p.scale;
+        out[1] = o[4 * j + 2] * p.scale;
       }
     }
   };
@@ -892,8 +907,8 @@ IIC_INLINE void iic_bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGrou
   }                                                                                                       \
   template <typename bank_t, typename acc_t>                                                              \
   ATTR void fwd_rows(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t u0, int64_t u1,         \
-                     acc_t* buf) {                                                                        \
-    if (p.iic) iic_fwd_rows_impl(p, g, u0, u1, buf); else fwd_rows_impl(p, g, u0, u1, buf);               \
+                     acc_t* buf, acc_t* sc, int W) {                                                      \
+    if (p.iic) iic_fwd_rows_impl(p, g, u0, u1, buf, sc); else fwd_rows_impl(p, g, u0, u1, buf, sc, W);    \
   }                                                                                                       \
   template <typename bank_t, typename acc_t>                                                              \
   ATTR void bwd_gather(const Problem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1,                \
@@ -1050,11 +1065,30 @@ void run_forward(const Problem<bank_t, acc_t>& p, int64_t N) {
   if (use_dense(p, N)) {
     forward_dense(p, N);
   } else if (group_rows(P, N) && groupable(p.B, p.Kc, N)) {
-    const RowGroups g = group_by_row(p.idx, p.B, p.Kc, p.C, N);
+    const RowGroups g = group_by_row(p.idx, p.B, p.Kc, p.C, N, /*with_where=*/true);
+    // scores in pair order (see fwd_rows_impl), then moved to their places sample by sample
+    acc_t* mat[4];
+    int64_t off[4];
+    int W = 0;
+    for (int j = 0; j < p.njobs; ++j)
+      for (int i = 0; i < p.jobs[j].nf; ++i, ++W) mat[W] = p.jobs[j].mat[i], off[W] = p.jobs[j].off[i];
+    std::unique_ptr<acc_t[]> sc(new acc_t[static_cast<size_t>(P) * W]);  // every entry is written
     at::parallel_for(0, N, 256, [&](int64_t r0, int64_t r1) {
       const DenormalsAreZero daz;
       std::vector<acc_t> buf(3 * D);
-      IIC_NCE_DISPATCH(fwd_rows, p, g, r0, r1, buf.data());
+      IIC_NCE_DISPATCH(fwd_rows, p, g, r0, r1, buf.data(), sc.get(), W);
+    });
+    const int32_t* wh = g.where.data();
+    const int64_t Kc = p.Kc, C = p.C;
+    at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int32_t* q = wh + b * Kc;
+        for (int w = 0; w < W; ++w) {
+          acc_t* out = mat[w] + b * C + off[w];
+          const acc_t* src = sc.get() + w;
+          for (int64_t k = 0; k < Kc; ++k) out[k] = src[static_cast<int64_t>(q[k]) * W];
+        }
+      }
     });
   } else {
     const int64_t nkb = (p.Kc + kPairBlock - 1) / kPairBlock;
