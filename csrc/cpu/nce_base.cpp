@@ -1,0 +1,14 @@
+// The NCE work units (nce_kernels.h) compiled for the baseline x86-64 (or any other) instruction set.
+#include "nce_kernels.h"
+
+// the instantiations below only pass vectors between always-inlined helpers (see nce_kernels.h)
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace iic_ext {
+namespace nce_cpu {
+
+IIC_NCE_UNITS(isa_base, , IIC_NCE_DEFINE)
+IIC_NCE_INSTANTIATE(isa_base)
+
+}  // namespace nce_cpu
+}  // namespace iic_ext
