@@ -35,6 +35,19 @@ TINY_TRAIN = ["--dataset", "synthetic", "--num-videos", "8", "--clip-len", "4", 
 LOW_PRECISION_FACTOR = 2.0
 
 
+def at_thread_counts(fn, counts):
+    """[fn() run with torch.set_num_threads(n) for n in counts]; the caller's thread count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for n in counts:
+            torch.set_num_threads(n)
+            out.append(fn())
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
 def make_clip(shape, dtype, device="cpu", layout="contiguous", generator=None):
     """A random clip [B, C, T, H, W] of the given dtype laid out in memory as ``layout``.
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import NCE_DTYPES
+from conftest import NCE_DTYPES, at_thread_counts
 from iic_ext.ops import HAS_C, bank_scores, bank_update_, iic_scores, reference
 
 pytestmark = pytest.mark.skipif(not HAS_C, reason="compiled iic_ext._C not built")
@@ -151,15 +151,14 @@ def test_bank_scores_deterministic():
     for shape, counts in ((ROWS_SHAPES[0], (1, 2, 1)), (GATHER_SHAPES[1], (1, 2, 1)), (DENSE_SHAPES[2], (2, 2))):
         feat, bank, idx = _inputs(*shape, torch.float32, torch.float32)
         grad = torch.randn(idx.shape)
-        runs = []
-        threads = torch.get_num_threads()
-        for n in counts:
-            torch.set_num_threads(n)
+
+        def run():
             f = feat.clone().requires_grad_()
             out = bank_scores(f, bank, idx)
             out.backward(grad)
-            runs.append((out, f.grad))
-        torch.set_num_threads(threads)
+            return out, f.grad
+
+        runs = at_thread_counts(run, counts)
         for out, g in runs[1:]:
             assert torch.equal(out, runs[0][0]) and torch.equal(g, runs[0][1])
 
@@ -267,7 +266,6 @@ def test_iic_scores_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-
 # 2^18 pairs or more are grouped by several tasks, each keeping the pairs of its range of rows; 3 draws
 # per bank row keeps both ops on the grouped plan
 MANY_PAIRS = (64, 4096, 8, 87381)
@@ -285,23 +283,21 @@ def test_many_pairs_grouped_in_parallel_match_reference_at_every_thread_count():
     x, y = l.clone().requires_grad_(), ab.clone().requires_grad_()
     want_i = reference.iic_scores(x, y, bl, bab, bneg, idx, 3.0)
     want_ig = torch.autograd.grad(want_i, (x, y), (gl, gab))
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            x = feat.clone().requires_grad_()
-            s = bank_scores(x, bank, idx)
-            (sf,) = torch.autograd.grad(s, x, grad)
-            x, y = l.clone().requires_grad_(), ab.clone().requires_grad_()
-            o = iic_scores(x, y, bl, bab, bneg, idx, 3.0)
-            runs.append((s, sf, *o, *torch.autograd.grad(o, (x, y), (gl, gab))))
-    finally:
-        torch.set_num_threads(threads)
+
+    def run():
+        x = feat.clone().requires_grad_()
+        s = bank_scores(x, bank, idx)
+        (sf,) = torch.autograd.grad(s, x, grad)
+        x, y = l.clone().requires_grad_(), ab.clone().requires_grad_()
+        o = iic_scores(x, y, bl, bab, bneg, idx, 3.0)
+        return (s, sf, *o, *torch.autograd.grad(o, (x, y), (gl, gab)))
+
+    runs = at_thread_counts(run, (1, 2, 3))
     for got, want in zip(runs[0], (want_s, want_sf, *want_i, *want_ig)):
         assert_close(got, want, rtol=1e-10, atol=1e-10)
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
 
 # ---- bank_update_ --------------------------------------------------------------------------------------
 

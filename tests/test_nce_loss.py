@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from conftest import NCE_DTYPES
+from conftest import NCE_DTYPES, at_thread_counts
 from iic_ext.ops import HAS_C, iic_softmax_loss, reference
 
 pytestmark = pytest.mark.skipif(not HAS_C, reason="compiled iic_ext._C not built")
@@ -103,19 +103,13 @@ def test_one_view_needs_grad():
 
 
 def test_deterministic_across_thread_counts():
-    threads = torch.get_num_threads()
     for shape in (ROWS_SHAPES[0], ROWS_SHAPES[3], GATHER_SHAPES[1]):
         l, ab, bl, bab, bneg, idx = _inputs(*shape)
-        runs = []
-        try:
-            for n in (1, 2, 3, 1):
-                torch.set_num_threads(n)
-                runs.append(_loss_and_grads(iic_softmax_loss, l, ab, (bl, bab, bneg), idx, 5.0, torch.ones(2, shape[0])))
-        finally:
-            torch.set_num_threads(threads)
+        ones = torch.ones(2, shape[0])
+        runs = at_thread_counts(
+            lambda: _loss_and_grads(iic_softmax_loss, l, ab, (bl, bab, bneg), idx, 5.0, ones), (1, 2, 3, 1))
         for other in runs[1:]:
             assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
-
 
 
 def test_many_pairs_grouped_in_parallel():
@@ -123,18 +117,12 @@ def test_many_pairs_grouped_in_parallel():
     l, ab, bl, bab, bneg, idx = _inputs(64, 4096, 8, 87381, torch.float64, torch.float64)
     w = torch.rand(2, 64, dtype=torch.float64)
     want = _loss_and_grads(reference.iic_softmax_loss, l, ab, (bl, bab, bneg), idx, 3.0, w)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            runs.append(_loss_and_grads(iic_softmax_loss, l, ab, (bl, bab, bneg), idx, 3.0, w))
-    finally:
-        torch.set_num_threads(threads)
+    runs = at_thread_counts(lambda: _loss_and_grads(iic_softmax_loss, l, ab, (bl, bab, bneg), idx, 3.0, w), (1, 2, 3))
     for a, b in zip(runs[0], want):
         assert_close(a, b, rtol=1e-10, atol=1e-10)
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
 
 def test_repeated_draws_count_each_time():
     # a row drawn twice by a sample is two columns of the softmax, as in the reference
