@@ -266,7 +266,7 @@ def test_iic_scores_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-# 2^18 pairs or more are grouped by several tasks, each keeping the pairs of its range of rows; 3 draws
+# 2^18 pairs, grouped by row, then split into many work units of rows (the most the plans use); 3 draws
 # per bank row keeps both ops on the grouped plan
 MANY_PAIRS = (64, 4096, 8, 87381)
 

@@ -113,7 +113,7 @@ def test_deterministic_across_thread_counts():
 
 
 def test_many_pairs_grouped_in_parallel():
-    # 2^18 pairs or more are grouped by row by several tasks (one per range of rows)
+    # 2^18 pairs grouped by row, then split into many work units of rows (the most the plan uses)
     l, ab, bl, bab, bneg, idx = _inputs(64, 4096, 8, 87381, torch.float64, torch.float64)
     w = torch.rand(2, 64, dtype=torch.float64)
     want = _loss_and_grads(reference.iic_softmax_loss, l, ab, (bl, bab, bneg), idx, 3.0, w)

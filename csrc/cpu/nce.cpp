@@ -58,49 +58,40 @@ bool groupable(int64_t B, int64_t Kc, int64_t N) {
   return N < (int64_t{1} << 31) && ceil_log2(Kc) < 31 && B <= (int64_t{1} << (31 - ceil_log2(Kc))) - 1;
 }
 
-// Counting sort, in parallel over ranges of rows: each task scans all pairs in (b, k) order and keeps
-// those of its rows, so the tasks write disjoint parts of the output (no shared cache lines) and every
-// row lists its pairs in (b, k) order whatever the number of tasks.
+// Counting sort, on one thread: every row lists its pairs in (b, k) order. Split over threads, it was
+// slower: by ranges of rows, each thread scans every pair (one unpredictable branch per pair); by
+// ranges of pairs, both threads store into the same cache lines of the output. Its cost is the pair
+// stores scattered over the output (a cache miss each): the store's line is prefetched kSortAhead
+// pairs ahead, from the row's write position then.
+constexpr int64_t kSortAhead = 16;
+
 RowGroups group_by_row(const int64_t* idx, int64_t B, int64_t Kc, int64_t C, int64_t N, bool with_where = false) {
   RowGroups g;
   g.shift = ceil_log2(Kc);
   g.C = C;
   const int64_t P = B * Kc;
-  // small problems stay on one thread: a parallel region costs more than the sort
-  const int64_t nch = P < (int64_t{1} << 18) ? 1 : std::max<int64_t>(1, std::min<int64_t>(N / 1024, at::get_num_threads()));
-  std::vector<int32_t> cnt(N + 1, 0);
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const uint64_t lo = N * c / nch, span = N * (c + 1) / nch - lo;
-      int32_t* ct = cnt.data();
-      for (int64_t p = 0; p < P; ++p)
-        if (static_cast<uint64_t>(idx[p]) - lo < span) ++ct[idx[p]];
-    }
-  });
-  g.start.assign(N + 1, 0);
+  std::vector<int32_t> pos(N + 1, 0);
+  for (int64_t p = 0; p < P; ++p) ++pos[idx[p]];
+  g.start.resize(N + 1);
   int32_t* st = g.start.data();
-  for (int64_t r = 0; r < N; ++r) st[r + 1] = st[r] + cnt[r];
-  std::copy(g.start.begin(), g.start.end(), cnt.begin());  // write positions
+  st[0] = 0;
+  for (int64_t r = 0; r < N; ++r) st[r + 1] = st[r] + pos[r];
+  std::copy(g.start.begin(), g.start.end(), pos.begin());  // write positions
   g.pair.resize(P);
   if (with_where) g.where.resize(P);
-  int32_t* pr = g.pair.data();
-  int32_t* wh = g.where.data();
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const uint64_t lo = N * c / nch, span = N * (c + 1) / nch - lo;
-      int32_t* pos = cnt.data();
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t* ix = idx + b * Kc;
-        const int32_t hi = static_cast<int32_t>(b << g.shift);
-        for (int64_t k = 0; k < Kc; ++k) {
-          if (static_cast<uint64_t>(ix[k]) - lo >= span) continue;
-          const int32_t q = pos[ix[k]]++;
-          pr[q] = hi | static_cast<int32_t>(k);
-          if (with_where) wh[b * Kc + k] = q;
-        }
-      }
+  int32_t* __restrict pr = g.pair.data();
+  int32_t* __restrict wh = g.where.data();
+  int32_t* __restrict ps = pos.data();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* ix = idx + b * Kc;
+    const int32_t hi = static_cast<int32_t>(b << g.shift);
+    for (int64_t k = 0; k < Kc; ++k) {
+      if (k + kSortAhead < Kc) __builtin_prefetch(pr + ps[ix[k + kSortAhead]], 1);
+      const int32_t q = ps[ix[k]]++;
+      pr[q] = hi | static_cast<int32_t>(k);
+      if (with_where) wh[b * Kc + k] = q;
     }
-  });
+  }
   return g;
 }
 
@@ -132,6 +123,7 @@ struct DenormalsAreZero {
 
 
 constexpr int64_t kPairBlock = 256;  // pairs (b, k) per gather task
+constexpr int64_t kScoreAhead = 16;  // scores prefetched ahead when moving them to the output
 
 // Grouping by row pays once the draws outnumber the bank's rows (every touched row is then read once
 // and in order); with few draws, gathering avoids the O(N) pass. With several draws per row a GEMM
@@ -249,10 +241,13 @@ void run_forward(const Problem<bank_t, acc_t>& p, int64_t N) {
     at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int32_t* q = wh + b * Kc;
-        for (int w = 0; w < W; ++w) {
-          acc_t* out = mat[w] + b * C + off[w];
-          const acc_t* src = sc.get() + w;
-          for (int64_t k = 0; k < Kc; ++k) out[k] = src[static_cast<int64_t>(q[k]) * W];
+        acc_t* out[4];
+        for (int w = 0; w < W; ++w) out[w] = mat[w] + b * C + off[w];
+        for (int64_t k = 0; k < Kc; ++k) {
+          // the W scores of a pair are adjacent; those of the pairs ahead, scattered over sc, prefetched
+          if (k + kScoreAhead < Kc) __builtin_prefetch(sc.get() + static_cast<int64_t>(q[k + kScoreAhead]) * W);
+          const acc_t* src = sc.get() + static_cast<int64_t>(q[k]) * W;
+          for (int w = 0; w < W; ++w) out[w][k] = src[w];
         }
       }
     });

@@ -302,6 +302,7 @@ struct RowGroups {
 // ---- work units (compiled once per instruction set) ------------------------------------------------
 
 constexpr int64_t kPrefetchAhead = 8;  // rows
+constexpr int64_t kGradAhead = 32;     // draws whose score gradients are prefetched ahead (grouped backward)
 
 // The pairs (b, k0 .. k1) of every job, gathering each row (prefetched ahead): four(job, k, r) for
 // rows r[0..3] of pairs k .. k+3, then one(job, k, r) for each pair left.
@@ -804,7 +805,18 @@ IIC_INLINE void iic_bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGrou
   const int32_t* pr = g.pair.data();
   const acc_t* gl = p.jobs[0].mat[0];
   const acc_t* gab = p.jobs[1].mat[0];
+  const int64_t npairs = static_cast<int64_t>(g.pair.size());
   const auto run = [&](const acc_t* r_l, const acc_t* r_ab, const acc_t* r_neg, int64_t q, int n) IIC_INLINE_FN {
+    // the score gradients of the draws ahead (scattered over the gradient matrices) start loading now
+    for (int64_t a = q + kGradAhead, ae = std::min(npairs, a + n); a < ae; ++a) {
+      const int64_t at = g.at_of(pr[a]);
+      __builtin_prefetch(gl + at);
+      __builtin_prefetch(gab + at);
+      if (p.neg) {
+        __builtin_prefetch(gl + at + K1);
+        __builtin_prefetch(gab + at + K1);
+      }
+    }
     acc_t w[4 * kRun];
     acc_t* acc_l[kRun];
     acc_t* acc_ab[kRun];
