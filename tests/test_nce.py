@@ -266,6 +266,45 @@ def test_iic_scores_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+# The CPU forward keeps its row grouping for the backward of the same idx tensor (one autograd step).
+# (8, 30, 19, 100): 2.4 draws per bank row, grouped by row for both ops.
+def _grouped_backward(op, seed):
+    B, K, D, N = 8, 30, 19, 100
+    if op == "bank":
+        feat, bank, _ = _inputs(B, K, D, N, torch.float64, torch.float64, seed=seed)
+        grad = torch.randn(B, K, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        fwd = lambda x, ix: (bank_scores(x, bank, ix),)
+        bwd = lambda ix: (torch.ops.iic_ext._bank_scores_backward(grad, bank, ix, torch.float64),)
+        ref = lambda x, ix: torch.autograd.grad(reference.bank_scores(x, bank, ix), x, grad)
+        return [feat], [grad], fwd, bwd, ref
+    l, ab, bl, bab, bneg, _ = _iic_inputs(B, K, D, N, torch.float64, torch.float64, seed=seed)
+    gl, gab = torch.randn(2, B, 2 * K, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    fwd = lambda x, y, ix: iic_scores(x, y, bl, bab, bneg, ix, 2.0)
+    bwd = lambda ix: torch.ops.iic_ext._iic_scores_backward(gl, gab, bl, bab, bneg, ix, 2.0, torch.float64)
+    ref = lambda x, y, ix: torch.autograd.grad(reference.iic_scores(x, y, bl, bab, bneg, ix, 2.0), (x, y), (gl, gab))
+    return [l, ab], [gl, gab], fwd, bwd, ref
+
+
+@pytest.mark.parametrize("op", ["bank", "iic"])
+def test_backward_reuses_forward_grouping_only_for_unchanged_draws(op):
+    idx = torch.randint(0, 100, (8, 30), generator=torch.Generator().manual_seed(0))
+    feats, ups, fwd, bwd, ref = _grouped_backward(op, seed=0)
+    # one autograd step (the backward gets the forward's idx) against a backward that groups afresh
+    xs = [f.clone().requires_grad_() for f in feats]
+    outs = fwd(*xs, idx)
+    got = torch.autograd.grad(outs, xs, ups)
+    assert_close(got, ref(*[f.clone().requires_grad_() for f in feats], idx))
+    fwd(*feats, idx)
+    cached = bwd(idx)
+    fresh = bwd(idx.clone())
+    assert all(torch.equal(a, b) for a, b in zip(cached, fresh))
+    # idx changed in place after the forward: its grouping must not be reused
+    fwd(*feats, idx)
+    new = torch.randint(0, 100, (8, 30), generator=torch.Generator().manual_seed(1))
+    idx.copy_(new)
+    assert_close(bwd(idx), ref(*[f.clone().requires_grad_() for f in feats], new))
+
+
 # 2^18 pairs, grouped by row, then split into many work units of rows (the most the plans use); 3 draws
 # per bank row keeps both ops on the grouped plan
 MANY_PAIRS = (64, 4096, 8, 87381)

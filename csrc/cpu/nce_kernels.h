@@ -407,6 +407,7 @@ IIC_INLINE void bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& 
   const int64_t D = p.D, B = p.B;
   const int32_t* st = g.start.data();
   const int32_t* pr = g.pair.data();
+  const int64_t npairs = static_cast<int64_t>(g.pair.size());
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t s = st[r], e = st[r + 1];
     if (s == e) continue;
@@ -416,7 +417,11 @@ IIC_INLINE void bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& 
       for (int i = 0; i < job.nf; ++i) {
         const acc_t* gin = job.mat[i] + job.off[i];
         acc_t* base = part + job.slot[i] * B * D;
-        for (int64_t q = s; q < e; ++q) axpy1(base + g.b_of(pr[q]) * D, gin[g.at_of(pr[q])] * p.scale, row, D);
+        for (int64_t q = s; q < e; ++q) {
+          // the score gradients of the draws ahead (scattered over the gradient matrix) start loading now
+          if (q + kGradAhead < npairs) __builtin_prefetch(gin + g.at_of(pr[q + kGradAhead]));
+          axpy1(base + g.b_of(pr[q]) * D, gin[g.at_of(pr[q])] * p.scale, row, D);
+        }
       }
     }
   }
