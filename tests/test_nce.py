@@ -85,7 +85,7 @@ def test_bank_scores_plans_agree(shape):
 @pytest.mark.parametrize("shape", [DENSE_SHAPES[0], DENSE_SHAPES[2], ROWS_SHAPES[0], ROWS_SHAPES[1], GATHER_SHAPES[0], GATHER_SHAPES[1]])
 def test_bank_scores_backward_matches_reference(fdt, bdt, shape):
     feat, bank, idx = _inputs(*shape, fdt, bdt)
-    grad = torch.randn(idx.shape, dtype=torch.float64).to(fdt)
+    grad = torch.randn(idx.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(fdt)
     f = feat.clone().requires_grad_()
     (g_op,) = torch.autograd.grad(bank_scores(f, bank, idx), f, grad)
     assert g_op.dtype == fdt
@@ -202,18 +202,19 @@ def test_iic_scores_backward_matches_reference(fdt, bdt, shape, neg):
     l, ab, bl, bab, bneg, idx = _iic_inputs(*shape, fdt, bdt, neg)
     inv_t = 1 / 0.07
     C = idx.shape[1] * (2 if neg else 1)
-    gl = torch.randn(idx.shape[0], C, dtype=torch.float64)
-    gab = torch.randn(idx.shape[0], C, dtype=torch.float64)
+    # the incoming gradients in the feature dtype, so that the exact result is the one for the op's inputs
+    g = torch.Generator().manual_seed(1)
+    gl, gab = torch.randn(2, idx.shape[0], C, dtype=torch.float64, generator=g).to(fdt)
 
     def grads(fn, l, ab, banks, gl, gab):
         l, ab = l.clone().requires_grad_(), ab.clone().requires_grad_()
         o_l, o_ab = fn(l, ab, *banks, idx, inv_t)
         return torch.autograd.grad((o_l, o_ab), (l, ab), (gl, gab))
 
-    op = grads(iic_scores, l, ab, (bl, bab, bneg), gl.to(fdt), gab.to(fdt))
+    op = grads(iic_scores, l, ab, (bl, bab, bneg), gl, gab)
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    exact = grads(reference.iic_scores, l.double(), ab.double(), (d(bl), d(bab), d(bneg)), gl, gab)
-    native = grads(reference.iic_scores, l, ab, (bl, bab, bneg), gl.to(fdt), gab.to(fdt))
+    exact = grads(reference.iic_scores, l.double(), ab.double(), (d(bl), d(bab), d(bneg)), gl.double(), gab.double())
+    native = grads(reference.iic_scores, l, ab, (bl, bab, bneg), gl, gab)
     for o, e, n in zip(op, exact, native):
         assert o.dtype == fdt
         _assert_low_precision(o * 0.07, e * 0.07, n * 0.07, fdt)
