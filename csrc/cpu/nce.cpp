@@ -112,18 +112,18 @@ bool same_draws(const CachedGroups& c, const at::Tensor& idx, int64_t N, int64_t
          c.N == N && c.C == C;
 }
 
-// The row grouping of a forward (with_where), kept for its backward when `key` (the caller's idx) is given.
+// The row grouping of a forward (with_where), kept for its backward; key is the caller's idx tensor.
 std::shared_ptr<const RowGroups> forward_groups(const int64_t* ix, int64_t B, int64_t Kc, int64_t C, int64_t N,
-                                                const at::Tensor* key) {
+                                                const at::Tensor& key) {
   auto g = std::make_shared<const RowGroups>(group_by_row(ix, B, Kc, C, N, /*with_where=*/true));
-  if (key) cached_groups = CachedGroups{*key, key->_version(), N, C, g};
+  cached_groups = CachedGroups{key, key._version(), N, C, g};
   return g;
 }
 
 // The row grouping of a backward: the forward's when it grouped the same draws, else a new one.
 std::shared_ptr<const RowGroups> backward_groups(const int64_t* ix, int64_t B, int64_t Kc, int64_t C, int64_t N,
-                                                 const at::Tensor* key) {
-  if (key && same_draws(cached_groups, *key, N, C)) {
+                                                 const at::Tensor& key) {
+  if (same_draws(cached_groups, key, N, C)) {
     auto g = std::move(cached_groups.groups);
     cached_groups = CachedGroups{};
     return g;
@@ -252,7 +252,7 @@ at::Tensor backward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
 }
 
 template <typename bank_t, typename acc_t>
-void run_forward(const Problem<bank_t, acc_t>& p, int64_t N, const at::Tensor* key = nullptr) {
+void run_forward(const Problem<bank_t, acc_t>& p, int64_t N, const at::Tensor& key) {
   const int64_t P = p.B * p.Kc;
   if (P == 0) return;
   const int64_t D = p.D;
@@ -316,7 +316,7 @@ void sum_partials(const acc_t* part, int64_t U, int64_t M, acc_t* out) {
 // the thread count) and their partial sums are added in unit order, so the result is deterministic.
 template <typename bank_t, typename acc_t>
 at::Tensor run_backward(const Problem<bank_t, acc_t>& p, int64_t N, const at::TensorOptions& opts,
-                        const at::Tensor* key = nullptr) {
+                        const at::Tensor& key) {
   const int64_t B = p.B, D = p.D, S = p.nslots;
   const int64_t P = B * p.Kc;
   if (P == 0 || D == 0) return at::zeros({S, B, D}, opts);
@@ -471,7 +471,7 @@ at::Tensor bank_scores_cpu(const at::Tensor& feat, const at::Tensor& bank, const
     p.jobs[0].nf = 1;
     p.jobs[0].feat[0] = f.const_data_ptr<acc_t>();
     p.jobs[0].mat[0] = out.mutable_data_ptr<acc_t>();
-    run_forward(p, bk.size(0), &idx);
+    run_forward(p, bk.size(0), idx);
   });
   return out.to(feat.scalar_type());
 }
@@ -494,7 +494,7 @@ at::Tensor bank_scores_backward_cpu(const at::Tensor& grad, const at::Tensor& ba
     p.jobs[0].nf = 1;
     p.jobs[0].mat[0] = const_cast<acc_t*>(g.const_data_ptr<acc_t>());
     p.jobs[0].slot[0] = 0;
-    out = run_backward(p, bk.size(0), grad.options().dtype(acc), &idx)[0];
+    out = run_backward(p, bk.size(0), grad.options().dtype(acc), idx)[0];
   });
   return out.to(dtype);
 }
@@ -544,7 +544,7 @@ std::tuple<at::Tensor, at::Tensor> iic_scores_cpu(const at::Tensor& l, const at:
       p.scale = static_cast<acc_t>(inv_t);
       set_iic_jobs<bank_t, acc_t>(p, bl, bab, bneg, fl.const_data_ptr<acc_t>(), fab.const_data_ptr<acc_t>(),
                                   out_l.mutable_data_ptr<acc_t>(), out_ab.mutable_data_ptr<acc_t>());
-      run_forward(p, a.N, &idx);
+      run_forward(p, a.N, idx);
     });
   }
   return {out_l.to(l.scalar_type()), out_ab.to(l.scalar_type())};
@@ -570,7 +570,7 @@ std::tuple<at::Tensor, at::Tensor> iic_scores_backward_cpu(const at::Tensor& gra
     p.nslots = 2;
     set_iic_jobs<bank_t, acc_t>(p, bl, bab, bneg, nullptr, nullptr, const_cast<acc_t*>(gl.const_data_ptr<acc_t>()),
                                 const_cast<acc_t*>(gab.const_data_ptr<acc_t>()));
-    grads = run_backward(p, bl.size(0), grad_l.options().dtype(acc), &idx);
+    grads = run_backward(p, bl.size(0), grad_l.options().dtype(acc), idx);
   });
   // two separate tensors (views of one buffer would alias)
   return {grads[0].to(dtype, false, true), grads[1].to(dtype, false, true)};
