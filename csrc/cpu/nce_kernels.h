@@ -15,6 +15,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 // The 64-byte vector helpers are always inlined into the units of one instruction set: no vector is
 // passed across a call whose ABI the instruction set would change.
 #pragma GCC diagnostic push
@@ -898,8 +900,8 @@ IIC_INLINE void iic_bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGrou
   template struct NS::Units<c10::BFloat16, double>;
 
 #if defined(__x86_64__) || defined(__i386__)
-#define IIC_NCE_ATTR_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
-#define IIC_NCE_ATTR_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define IIC_NCE_ATTR_AVX512 IIC_EXT_AVX512
+#define IIC_NCE_ATTR_AVX2 IIC_EXT_AVX2
 IIC_NCE_UNITS(isa_avx512, IIC_NCE_ATTR_AVX512, IIC_NCE_DECLARE)
 IIC_NCE_UNITS(isa_avx2, IIC_NCE_ATTR_AVX2, IIC_NCE_DECLARE)
 #endif

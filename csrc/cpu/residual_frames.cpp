@@ -57,6 +57,12 @@ IIC_EXT_AVX2 void diff_block_avx2(const in_t* a, const in_t* p, out_t* d, int64_
   diff_block(a, p, d, n, s, o);
 }
 
+template <typename in_t, typename out_t>
+IIC_EXT_AVX512 void diff_block_avx512(const in_t* a, const in_t* p, out_t* d, int64_t n, at::opmath_type<out_t> s,
+                                      at::opmath_type<out_t> o) {
+  diff_block(a, p, d, n, s, o);
+}
+
 // Number of leading units and the block length when x and out share a dense layout in which every
 // frame of a unit is one contiguous block: contiguous ([B*C] units of H*W) or channels_last_3d
 // ([B] units of H*W*C). Returns false for any other pair of layouts.
@@ -83,7 +89,7 @@ void time_diff_blocks(const at::Tensor& x, const at::Tensor& out, int shift, dou
   const in_t* src = x.const_data_ptr<in_t>();
   out_t* dst = out.mutable_data_ptr<out_t>();
   const acc_t s = static_cast<acc_t>(scale), o = static_cast<acc_t>(offset);
-  const bool avx2 = cpu_has_avx2();
+  const Isa isa = cpu_isa();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(block, 1));
   at::parallel_for(0, units * T, grain, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
@@ -92,7 +98,9 @@ void time_diff_blocks(const at::Tensor& x, const at::Tensor& out, int shift, dou
       const in_t* a = src + (unit * T + t) * block;
       const in_t* p = src + (unit * T + tn) * block;
       out_t* d = dst + (unit * T + t) * block;
-      if (avx2)
+      if (isa == Isa::kAvx512)
+        diff_block_avx512<in_t, out_t>(a, p, d, block, s, o);
+      else if (isa == Isa::kAvx2)
         diff_block_avx2<in_t, out_t>(a, p, d, block, s, o);
       else
         diff_block_base<in_t, out_t>(a, p, d, block, s, o);

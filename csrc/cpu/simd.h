@@ -1,8 +1,8 @@
 // Runtime instruction-set dispatch for the CPU kernels' inner loops.
 //
 // The library is compiled for the baseline x86-64 ISA so it loads everywhere; hot loops are written once
-// as always-inline templates and instantiated for the baseline and for AVX2+FMA (the NCE kernels also
-// for AVX-512), the widest one chosen at run time when the processor has it.
+// as always-inline templates and instantiated for the baseline and for AVX2+FMA (the NCE and residual
+// kernels also for AVX-512), the widest one chosen at run time when the processor has it.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -15,10 +15,12 @@ namespace iic_ext {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define IIC_EXT_X86_DISPATCH 1
 #define IIC_EXT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define IIC_EXT_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
 #define IIC_EXT_INLINE inline __attribute__((always_inline))
 #else
 #define IIC_EXT_X86_DISPATCH 0
 #define IIC_EXT_AVX2
+#define IIC_EXT_AVX512
 #define IIC_EXT_INLINE inline
 #endif
 
@@ -58,5 +60,6 @@ inline Isa cpu_isa() {
 }
 
 inline bool cpu_has_avx2() { return cpu_isa() >= Isa::kAvx2; }
+inline bool cpu_has_avx512() { return cpu_isa() >= Isa::kAvx512; }
 
 }  // namespace iic_ext
