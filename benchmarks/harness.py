@@ -93,7 +93,8 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def metadata(cfg: Config) -> dict:
+def metadata(cfg: Config, commit: Optional[str] = None) -> dict:
+    """The run's machine, settings and code; ``commit`` as read when the run began (else read now)."""
     meta = {
         "device": cfg.device,
         "device_name": cfg.device_name,
@@ -108,7 +109,7 @@ def metadata(cfg: Config) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "commit": git_commit(),
+        "commit": commit if commit is not None else git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }

@@ -35,8 +35,9 @@ def get_args_parser():
     return p
 
 
-def run_device(args, device: str, groups) -> list:
-    """Run the groups on one device and write its results; returns the groups that failed."""
+def run_device(args, device: str, groups, commit=None) -> list:
+    """Run the groups on one device and write its results (``commit``: the code measured); returns the
+    groups that failed."""
     from . import harness
 
     threads = args.threads or torch.get_num_threads()
@@ -79,8 +80,8 @@ def run_device(args, device: str, groups) -> list:
         rows += got
         print(f"   {group} done in {time.perf_counter() - t0:.1f} s", flush=True)
         if group != groups[-1]:  # a run cut short keeps the groups it finished
-            _write(args.out, device, rows, {**harness.metadata(cfg), "notes": notes}, quiet=True)
-    meta = harness.metadata(cfg)
+            _write(args.out, device, rows, {**harness.metadata(cfg, commit), "notes": notes}, quiet=True)
+    meta = harness.metadata(cfg, commit)
     meta["notes"] = notes
     _write(args.out, device, rows, meta)
     return failed
@@ -152,12 +153,16 @@ def main(args) -> int:
         print(f"unknown group(s) {bad}; choose from {GROUPS}", file=sys.stderr)
         return 2
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    from . import harness
+
+    # the commit measured, read before any result is written (the results folder may hold tracked files)
+    commit = harness.git_commit()
     failed = []
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
             print("cuda requested but torch.cuda.is_available() is False", file=sys.stderr)
             return 2
-        failed += [f"{device}:{g}" for g in run_device(args, device, groups)]
+        failed += [f"{device}:{g}" for g in run_device(args, device, groups, commit)]
     print(f"total {time.perf_counter() - t0:.1f} s")
     if failed:
         print(f"failed groups: {', '.join(failed)} (their tracebacks are above)", file=sys.stderr)
