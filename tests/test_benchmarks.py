@@ -1,0 +1,78 @@
+"""The benchmark command (``python -m benchmarks``): it runs from the repository root after the README's
+install, checks its baselines, and writes the documented files and rows.
+
+Nothing here times anything against a threshold: the runs are the shortest the command offers, and only
+what they write is checked.
+"""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from iic_ext.ops import HAS_C
+
+pytestmark = pytest.mark.skipif(not HAS_C, reason="compiled iic_ext._C not built")
+
+# the keys every row carries (the JSON schema the README documents)
+ROW_KEYS = {"group", "name", "shape", "dtype", "device", "threads", "fused_ms", "reference_ms", "reference",
+            "ratio", "fused_peak_bytes", "reference_peak_bytes", "floor_ms"}
+BASELINES = {"original", "vectorized", "dense", "compiled"}
+
+
+def test_check_runs_from_the_repository_root():
+    # from the root, the source folder iic_ext/ comes first on sys.path: the compiled ops must still load
+    got = subprocess.run([sys.executable, "-m", "benchmarks", "--check"], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert "baselines match the reference" in got.stdout
+
+
+def test_unknown_group_is_refused(tmp_path):
+    got = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "negatives,warp", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert got.returncode == 2
+    assert "unknown group(s) ['warp']" in got.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_quick_run_writes_rows_table_and_the_commit_measured(tmp_path, monkeypatch):
+    from benchmarks import harness, run
+
+    # A stand-in for git that reports the checkout dirty as soon as anything is in the results folder (as
+    # when the results are tracked files): the commit recorded must be the one read before the run wrote.
+    reads = []
+
+    def commit():
+        reads.append(any(tmp_path.iterdir()))
+        return "c0ffee" + ("+dirty" if reads[-1] else "")
+
+    monkeypatch.setattr(harness, "git_commit", commit)
+    args = run.get_args_parser().parse_args(
+        ["--quick", "--only", "negatives,views", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert run.main(args) == 0
+
+    meta = json.loads((tmp_path / "cpu.meta.json").read_text())
+    assert meta["commit"] == "c0ffee"
+    assert meta["device"] == "cpu" and meta["quick"] is True
+    assert meta["bandwidth_gbps"] > 0
+
+    rows = json.loads((tmp_path / "cpu.json").read_text())
+    assert {r["group"] for r in rows} == {"negatives", "views"}
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["device"] == "cpu" and r["threads"] >= 1
+        assert r["reference"] in BASELINES
+        assert r["fused_ms"] > 0 and r["reference_ms"] > 0
+        assert math.isclose(r["ratio"], r["reference_ms"] / r["fused_ms"], rel_tol=1e-6)
+        assert r["floor_ms"] is None or r["floor_ms"] > 0
+    # every clip-side op is compared with the original-style and the vectorised baseline
+    for name in {r["name"] for r in rows}:
+        assert {"original", "vectorized"} <= {r["reference"] for r in rows if r["name"] == name}, name
+
+    table = (tmp_path / "cpu.md").read_text()
+    assert "| group | op | shape |" in table
+    assert table.count("\n| negatives |") + table.count("\n| views |") == len(rows)
+    assert "c0ffee" in table and "c0ffee+dirty" not in table
