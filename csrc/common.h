@@ -57,6 +57,44 @@ inline void check_time_index(const at::Tensor& clip, const at::Tensor& time_inde
   check_index(time_index, clip.size(2), "time_index", "frame positions of clip");
 }
 
+// How torch.chunk(x, chunks, dim) cuts a dim of T entries: n pieces of size entries, the last one
+// shorter (n < chunks when T is small, e.g. T = 5 gives 2, 2, 1).
+struct ChunkLayout {
+  int64_t size, n;
+};
+inline ChunkLayout chunk_layout(int64_t T, int64_t chunks) {
+  const int64_t size = (T + chunks - 1) / chunks;
+  return {size, (T + size - 1) / size};
+}
+
+// Arguments of swap_time_index: first, second [B] int64 piece positions in [0, n) on one device.
+inline ChunkLayout check_swap_args(const at::Tensor& first, const at::Tensor& second, int64_t num_frames,
+                                   int64_t chunks) {
+  TORCH_CHECK(num_frames >= 1, "num_frames must be at least 1, got ", num_frames);
+  TORCH_CHECK(chunks >= 1, "chunks must be at least 1, got ", chunks);
+  TORCH_CHECK(first.dim() == 1, "first must be [B], got shape ", first.sizes());
+  TORCH_CHECK(second.dim() == 1 && second.size(0) == first.size(0), "second must be [B] like first (B = ",
+              first.size(0), "), got shape ", second.sizes());
+  check_same_device(first, "first", second, "second");
+  const ChunkLayout c = chunk_layout(num_frames, chunks);
+  check_index(first, c.n, "first", "positions of the time chunks");
+  check_index(second, c.n, "second", "positions of the time chunks");
+  return c;
+}
+
+// Source frame of output frame t (< T) of swap_time_index: the pieces of the time axis in order, the
+// pieces at positions i and j exchanged.
+C10_HOST_DEVICE inline int64_t swapped_frame(int64_t t, int64_t i, int64_t j, int64_t T, int64_t size, int64_t n) {
+  int64_t start = 0;  // where the piece placed at position p starts in the output
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t s = p == i ? j : (p == j ? i : p);
+    const int64_t len = T - s * size < size ? T - s * size : size;
+    if (t < start + len) return s * size + (t - start);
+    start += len;
+  }
+  return t;
+}
+
 // Output dtype of a view op: explicit, else the input's float type, else float32 for uint8.
 inline at::ScalarType view_out_dtype(const at::Tensor& clip, std::optional<at::ScalarType> out_dtype) {
   if (out_dtype.has_value()) {

@@ -32,6 +32,10 @@ TORCH_LIBRARY(iic_ext, m) {
   m.def("temporal_gather.out(Tensor clip, Tensor time_index, *, Tensor(a!) out) -> ()");
   // grad [B, C, T_out, H, W], time_index [B, T_out] -> grad_clip [B, C, T, H, W] (scatter-add over time)
   m.def("_temporal_gather_backward(Tensor grad, Tensor time_index, SymInt num_frames) -> Tensor");
+  // first, second [B] int64 in [0, n) -> time_index [B, num_frames] int64: the time axis cut as
+  // torch.chunk(x, chunks) cuts it (n pieces), the pieces in order with those at first[b] and second[b]
+  // exchanged (the original shuffle negative's frame order when first != second)
+  m.def("swap_time_index(Tensor first, Tensor second, SymInt num_frames, int chunks=4) -> Tensor");
   // clip [B, C, T, H, W] (uint8 or float, any strides), time_index [B, T_out] ->
   // (rgb [B, C, T, H, W], residual [B, C, T, H, W], negative [B, C, T_out, H, W]), contiguous.
   // rgb = (x/255 - mean) / std; residual from x/255 as residual_frames; negative = rgb gathered in time.

@@ -239,6 +239,57 @@ def test_swap_index_concatenates_the_swapped_chunks(T):
         assert index[b].tolist() == torch.cat([pieces[c] for c in order]).tolist()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunks", [1, 2, 3, 4, 5])
+def test_swap_time_index_matches_reference(device, chunks):
+    """The kernel against the tensor-op reference for every T up to 40, equal positions included."""
+    for T in range(1, 41):
+        n = len(indices.chunk_bounds(T, chunks))
+        g = torch.Generator().manual_seed(100 * chunks + T)
+        first = torch.randint(0, n, (37,), generator=g).to(device)
+        second = torch.randint(0, n, (37,), generator=g).to(device)
+        second[:5] = first[:5]  # a chunk "swapped" with itself: the frames in order
+        got = ops.swap_time_index(first, second, T, chunks)
+        assert got.dtype == torch.long and got.shape == (37, T) and got.device == first.device
+        assert torch.equal(got, reference.swap_time_index(first, second, T, chunks)), T
+        assert torch.equal(got[:5].cpu(), torch.arange(T).expand(5, T))
+
+
+@pytest.mark.parametrize("T", [1, 3, 5, 16])
+def test_shuffle_negative_swap_draws_as_the_sampler(T):
+    """The fused swap negative takes the same draws as indices.swap_index and gathers its frames."""
+    clip = make_clip((6, 2, T, 3, 4), torch.float32)
+    out, index = ops.shuffle_negative(clip, torch.Generator().manual_seed(4), return_index=True)
+    assert torch.equal(index, indices.swap_index(6, T, torch.Generator().manual_seed(4)))
+    assert torch.equal(out, reference.temporal_gather(clip, index))
+    assert torch.equal(out, reference.shuffle_negative(clip, torch.Generator().manual_seed(4)))
+
+
+def test_swap_time_index_bad_inputs():
+    i = torch.tensor([0, 1, 3])
+    j = torch.tensor([2, 0, 1])
+    op = torch.ops.iic_ext.swap_time_index
+    with pytest.raises(RuntimeError, match="first has an entry out of range"):
+        op(torch.tensor([0, 4, 1]), j, 16, 4)
+    with pytest.raises(RuntimeError, match="second has a negative entry"):
+        op(i, torch.tensor([0, -1, 1]), 16, 4)
+    with pytest.raises(RuntimeError, match=r"entries must lie in \[0, 3\)"):
+        op(i, j, 5, 4)  # T = 5 is cut into 3 pieces
+    with pytest.raises(RuntimeError, match="first must be int64"):
+        op(i.int(), j, 16, 4)
+    with pytest.raises(RuntimeError, match="second must be int64"):
+        op(i, j.int(), 16, 4)
+    with pytest.raises(RuntimeError, match=r"first must be \[B\]"):
+        op(i.view(1, 3), j, 16, 4)
+    with pytest.raises(RuntimeError, match=r"second must be \[B\] like first"):
+        op(i, j[:2], 16, 4)
+    with pytest.raises(RuntimeError, match="num_frames must be at least 1"):
+        op(i, j, 0, 4)
+    with pytest.raises(RuntimeError, match="chunks must be at least 1"):
+        op(i, j, 16, 0)
+    assert op(i[:0], j[:0], 16, 4).shape == (0, 16)
+
+
 def test_permute_is_never_identity_and_reverse_reverses():
     idx = indices.permute_index(2000, 3, torch.Generator().manual_seed(0))
     assert not (idx == torch.arange(3)).all(dim=1).any()
@@ -359,10 +410,12 @@ def _opcheck_samples():
         (torch.ops.iic_ext._temporal_gather_backward.default, (g, idx, 5)),
         (torch.ops.iic_ext.iic_views.default, (xu, idx, [0.5, 0.4, 0.3], [0.2, 0.2, 0.25], True, None)),
         (torch.ops.iic_ext.iic_views.default, (x.detach(), idx, None, None, False, torch.float32)),
+        (torch.ops.iic_ext.swap_time_index.default, (torch.tensor([0, 3, 2]), torch.tensor([1, 0, 2]), 16, 4)),
+        (torch.ops.iic_ext.swap_time_index.default, (torch.tensor([2, 0]), torch.tensor([0, 1]), 5, 4)),
     ]
 
 
-@pytest.mark.parametrize("sample", range(10))
+@pytest.mark.parametrize("sample", range(12))
 def test_opcheck(sample):
     op, args, *kw = _opcheck_samples()[sample]
     torch.library.opcheck(op, args, kw[0] if kw else {})
@@ -378,7 +431,8 @@ def test_torch_compile_fullgraph():
         r = ops.residual_frames(x)
         n = ops.temporal_gather(x, idx)
         rgb, res, neg = ops.iic_views(xu, idx)
-        return r.sum() + n.sum() + rgb.sum() + res.sum() + neg.sum()
+        swap = ops.swap_time_index(idx[:, 0] % 3, idx[:, 1] % 3, 6, 3)
+        return r.sum() + n.sum() + rgb.sum() + res.sum() + neg.sum() + swap.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(x, xu, idx), step(x, xu, idx))

@@ -5,6 +5,8 @@
 //   Returns [B, C, T_out, H, W] in clip's memory format.
 // _temporal_gather_backward: grad_clip[b, :, s] = sum over t with time_index[b, t] == s of grad[b, :, t],
 //   summed in t order (deterministic), accumulated in float32 for half inputs.
+// swap_time_index: the time index of the swap negative from its two piece positions per sample (see
+//   csrc/ops.cpp); one pass instead of the dozen small tensor ops that build it in PyTorch.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -151,12 +153,30 @@ at::Tensor temporal_gather_backward_cpu(const at::Tensor& grad, const at::Tensor
   return acc_type == grad.scalar_type() ? acc : acc.to(grad.scalar_type());
 }
 
+at::Tensor swap_time_index_cpu(const at::Tensor& first, const at::Tensor& second, c10::SymInt num_frames,
+                               int64_t chunks) {
+  const int64_t T = num_frames.expect_int();
+  const ChunkLayout c = check_swap_args(first, second, T, chunks);
+  const int64_t B = first.size(0);
+  at::Tensor out = at::empty({B, T}, first.options());
+  const at::Tensor fi = first.contiguous(), se = second.contiguous();
+  const int64_t* f = fi.const_data_ptr<int64_t>();
+  const int64_t* g = se.const_data_ptr<int64_t>();
+  int64_t* o = out.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / T), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t t = 0; t < T; ++t) o[b * T + t] = swapped_frame(t, f[b], g[b], T, c.size, c.n);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(iic_ext, CPU, m) {
   m.impl("temporal_gather", &temporal_gather_cpu);
   m.impl("temporal_gather.out", &temporal_gather_out_cpu);
   m.impl("_temporal_gather_backward", &temporal_gather_backward_cpu);
+  m.impl("swap_time_index", &swap_time_index_cpu);
 }
 
 }  // namespace iic_ext

@@ -12,6 +12,7 @@
 // blocks are copied in the widest aligned unit (up to 16 bytes); otherwise element by element through
 // the strides. The backward gives every output element to one thread, which walks t in order: no
 // atomics, so the result is deterministic and equal to the CPU kernel's.
+// swap_time_index: one thread per output entry (see csrc/ops.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 
@@ -273,12 +274,37 @@ at::Tensor temporal_gather_backward_cuda(const at::Tensor& grad, const at::Tenso
   return out;
 }
 
+__global__ void swap_time_index_kernel(const int64_t* __restrict__ first, const int64_t* __restrict__ second,
+                                       int64_t* __restrict__ out, int64_t n, int64_t T, int64_t size, int64_t pieces) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < n; k += step) {
+    const int64_t b = k / T, t = k - b * T;
+    out[k] = swapped_frame(t, first[b], second[b], T, size, pieces);
+  }
+}
+
+at::Tensor swap_time_index_cuda(const at::Tensor& first, const at::Tensor& second, c10::SymInt num_frames,
+                                int64_t chunks) {
+  const int64_t T = num_frames.expect_int();
+  const ChunkLayout c = check_swap_args(first, second, T, chunks);
+  c10::cuda::CUDAGuard device_guard(first.device());
+  at::Tensor out = at::empty({first.size(0), T}, first.options());
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const at::Tensor fi = first.contiguous(), se = second.contiguous();
+  swap_time_index_kernel<<<cuda::blocks_for(n), cuda::kThreads, 0, cuda::current_stream()>>>(
+      fi.const_data_ptr<int64_t>(), se.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(), n, T, c.size, c.n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(iic_ext, CUDA, m) {
   m.impl("temporal_gather", &temporal_gather_cuda);
   m.impl("temporal_gather.out", &temporal_gather_out_cuda);
   m.impl("_temporal_gather_backward", &temporal_gather_backward_cuda);
+  m.impl("swap_time_index", &swap_time_index_cuda);
 }
 
 }  // namespace iic_ext

@@ -6,7 +6,7 @@ from . import indices, reference
 from ._library import HAS_C, unchecked_indices
 from .nce import bank_scores, bank_update_, iic_scores, iic_softmax_loss
 from .indices import permute_index, repeat_index, reverse_index, shuffle_index, swap_index
-from .views import iic_views, repeat_negative, residual_frames, shuffle_negative, temporal_gather
+from .views import iic_views, repeat_negative, residual_frames, shuffle_negative, swap_time_index, temporal_gather
 
 __all__ = [
     "HAS_C",
@@ -17,6 +17,7 @@ __all__ = [
     "temporal_gather",
     "repeat_negative",
     "shuffle_negative",
+    "swap_time_index",
     "iic_views",
     "repeat_index",
     "shuffle_index",

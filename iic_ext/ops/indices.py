@@ -64,15 +64,31 @@ def swap_index(
         Tensor[batch, num_frames] (int64).
     """
     dev = _device(generator, device)
-    bounds = chunk_bounds(num_frames, chunks)
-    n = len(bounds)
+    n = len(chunk_bounds(num_frames, chunks))
     if n < 2:
         return torch.arange(num_frames, device=dev).expand(batch, num_frames).contiguous()
-    i, j = swap_pairs(batch, n, generator, dev)
+    first, second = swap_pairs(batch, n, generator, dev)
+    return swap_index_from_pairs(first, second, num_frames, chunks)
+
+
+def swap_index_from_pairs(first: torch.Tensor, second: torch.Tensor, num_frames: int, chunks: int = 4) -> torch.Tensor:
+    """The swap index for given chunk positions, in tensor ops only (the reference of the compiled
+    ``swap_time_index``).
+
+    Args:
+        first, second (Tensor[B], int64): chunk positions in ``[0, n)``, ``n = len(chunk_bounds(T, chunks))``;
+            equal positions leave the frames in order.
+    Returns:
+        Tensor[B, num_frames] (int64) on first's device.
+    """
+    dev = first.device
+    bounds = chunk_bounds(num_frames, chunks)
+    n = len(bounds)
+    batch = first.shape[0]
     order = torch.arange(n, device=dev).expand(batch, n).clone()
     rows = torch.arange(batch, device=dev)
-    order[rows, i] = j
-    order[rows, j] = i
+    order[rows, first] = second
+    order[rows, second] = first
     # concatenate the chunks in the new order, with tensor ops only (no host round trip on a GPU):
     # output frame t lies in the q-th placed chunk, at offset t - (where that chunk starts in the output)
     # the chunk bounds made on the device (a host tensor copied over would wait for the device's queue)

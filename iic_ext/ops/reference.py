@@ -54,6 +54,11 @@ def temporal_gather_vectorized(clip: torch.Tensor, time_index: torch.Tensor) -> 
     return torch.gather(clip, 2, idx)
 
 
+def swap_time_index(first: torch.Tensor, second: torch.Tensor, num_frames: int, chunks: int = 4) -> torch.Tensor:
+    """The swap negative's time index from its chunk positions: :func:`indices.swap_index_from_pairs`."""
+    return indices.swap_index_from_pairs(first, second, num_frames, chunks)
+
+
 def repeat_negative(clip: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Repeat negative as the original: per sample, one random frame tiled over time."""
     B, T = clip.shape[0], clip.shape[2]

@@ -111,9 +111,34 @@ def shuffle_negative(
         clip (Tensor[B, C, T, H, W]). Returns Tensor[B, C, T, H, W] (and the time_index [B, T] if asked).
     """
     x, _ = _batched(clip)
-    index = indices.shuffle_index(x.shape[0], x.shape[2], generator, mode, device=x.device)
+    B, T = x.shape[0], x.shape[2]
+    n = len(indices.chunk_bounds(T))
+    if mode == "swap" and n >= 2:  # the draws of indices.swap_index, the index built in one kernel
+        first, second = indices.swap_pairs(B, n, generator, x.device)
+        index = swap_time_index(first, second, T)
+    else:
+        index = indices.shuffle_index(B, T, generator, mode, device=x.device)
     out = temporal_gather(clip, index if clip.dim() == 5 else index[0])
     return (out, index) if return_index else out
+
+
+def swap_time_index(first: torch.Tensor, second: torch.Tensor, num_frames: int, chunks: int = 4) -> torch.Tensor:
+    """Time index of the swap negative from its two chunk positions per sample, in one kernel.
+
+    The time axis is cut as ``torch.chunk(x, chunks, dim=time)`` cuts it (n pieces, see
+    :func:`iic_ext.ops.indices.chunk_bounds`); row b lists the frames of the pieces in order, with the
+    pieces at ``first[b]`` and ``second[b]`` exchanged (equal positions: the frames in order).
+
+    Args:
+        first, second (Tensor[B], int64): piece positions in ``[0, n)``, on one device.
+        num_frames: T. chunks: as ``torch.chunk``'s (4 in the original).
+
+    Returns:
+        Tensor[B, num_frames] (int64), on first's device.
+    """
+    if use_compiled():
+        return torch.ops.iic_ext.swap_time_index(first, second, num_frames, chunks)
+    return reference.swap_time_index(first, second, num_frames, chunks)
 
 
 def iic_views(
@@ -185,6 +210,10 @@ if HAS_C:
         shape = list(grad.shape)
         shape[2] = num_frames
         return grad.new_empty(shape)
+
+    @torch.library.register_fake("iic_ext::swap_time_index")
+    def _swap_time_index_fake(first, second, num_frames, chunks=4):
+        return first.new_empty((first.shape[0], num_frames))
 
     @torch.library.register_fake("iic_ext::iic_views")
     def _iic_views_fake(clip, time_index, mean=None, std=None, scaled=True, out_dtype=None):

@@ -196,6 +196,24 @@ def test_negatives_cuda_match_cpu(mode):
     assert torch.equal(ops.temporal_gather(x.to(CUDA), idx.to(CUDA)).cpu(), ops.temporal_gather(x, idx))
 
 
+@pytest.mark.parametrize("T", [1, 5, 16, 33])
+def test_shuffle_negative_swap_cuda_generator(T):
+    """On a CUDA generator the swap index is drawn and built on the device, as indices.swap_index draws it."""
+    x = make_clip((8, 3, T, 4, 5), torch.float32, "cpu").to(CUDA)
+    out, index = ops.shuffle_negative(x, torch.Generator(device=CUDA).manual_seed(5), return_index=True)
+    want = indices.swap_index(8, T, torch.Generator(device=CUDA).manual_seed(5))
+    assert index.device == want.device and torch.equal(index, want)
+    assert torch.equal(out, ops.reference.temporal_gather(x, want))
+
+
+def test_swap_time_index_cuda_checks_ranges():
+    first = torch.tensor([0, 4], device=CUDA)
+    with pytest.raises(RuntimeError, match="first has an entry out of range"):
+        torch.ops.iic_ext.swap_time_index(first, torch.tensor([1, 0], device=CUDA), 16, 4)
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.iic_ext.swap_time_index(first, torch.tensor([1, 0]), 16, 4)
+
+
 # ---- fused IIC views ------------------------------------------------------------------------------
 
 
