@@ -58,12 +58,20 @@ def shuffle_negative_vectorized(clip: torch.Tensor, generator: Optional[torch.Ge
     return reference.temporal_gather_vectorized(clip, index)
 
 
-def iic_views_vectorized(clip: torch.Tensor, time_index: torch.Tensor, scaled: bool = True):
+def iic_views_vectorized(clip: torch.Tensor, time_index: torch.Tensor, scaled: bool = True, out=None):
     """(rgb, residual, negative) with one conversion pass, the slice residual and one gather.
 
     Without mean/std (as IIC trains). A float contiguous clip is returned as rgb itself, as the
-    reference does.
+    reference does. ``out``: float32 buffers (rgb, residual, negative) to write into (each op's ``out=``).
     """
+    if out is not None:
+        rgb, res, neg = out
+        _unit_float(clip, rgb)
+        residual_frames_vectorized(rgb, scaled, out=res)
+        B, C, _, H, W = rgb.shape
+        To = time_index.shape[1]
+        torch.gather(rgb, 2, time_index.view(B, 1, To, 1, 1).expand(B, C, To, H, W), out=neg)
+        return out
     if clip.dtype == torch.uint8:
         rgb = torch.empty(clip.shape, dtype=torch.float32, device=clip.device)
         _unit_float(clip, rgb)
@@ -85,7 +93,11 @@ def check():
             for scaled in (True, False):
                 torch.testing.assert_close(residual_frames_vectorized(c, scaled), reference.residual_frames(c, scaled))
             idx = indices.repeat_index(3, 16, torch.Generator().manual_seed(1))
-            for a, b in zip(iic_views_vectorized(c, idx), reference.iic_views(c, idx)):
+            want = reference.iic_views(c, idx)
+            for a, b in zip(iic_views_vectorized(c, idx), want):
+                torch.testing.assert_close(a, b)
+            bufs = tuple(torch.full(w.shape, float("nan")) for w in want)
+            for a, b in zip(iic_views_vectorized(c, idx, out=bufs), want):
                 torch.testing.assert_close(a, b)
             torch.testing.assert_close(
                 repeat_negative_vectorized(c, torch.Generator().manual_seed(2)),

@@ -1,4 +1,5 @@
-// Argument checks shared by the CPU and CUDA kernels: each error names the argument at fault.
+// Argument checks shared by the CPU and CUDA kernels (each error names the argument at fault), and the
+// entry points of iic_views around a backend's writer.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -146,6 +147,63 @@ inline void check_gather_out(const at::Tensor& clip, const at::Tensor& time_inde
   TORCH_CHECK(!out.is_same(clip), "out must not be clip: temporal_gather cannot run in place");
   at::assert_no_internal_overlap(out);
   at::assert_no_overlap(out, clip);
+}
+
+// out= buffers of iic_views: rgb and residual of clip's shape, negative [B, C, T_out, H, W], all
+// contiguous (the layout the kernels write), of one floating dtype, on clip's device, overlapping neither
+// clip nor each other. Returns their dtype.
+inline at::ScalarType check_views_out(const at::Tensor& clip, const at::Tensor& time_index, const at::Tensor& rgb,
+                                      const at::Tensor& res, const at::Tensor& neg) {
+  const at::Tensor* outs[3] = {&rgb, &res, &neg};
+  const char* names[3] = {"rgb", "residual", "negative"};
+  auto neg_sizes = clip.sizes().vec();
+  neg_sizes[2] = time_index.size(1);
+  for (int i = 0; i < 3; ++i) {
+    const at::Tensor& o = *outs[i];
+    check_float_dtype(o.scalar_type(), names[i]);
+    TORCH_CHECK(o.scalar_type() == rgb.scalar_type(), names[i], " must have rgb's dtype ", rgb.scalar_type(),
+                ", got ", o.scalar_type());
+    check_same_device(clip, "clip", o, names[i]);
+    const at::IntArrayRef want = i < 2 ? clip.sizes() : at::IntArrayRef(neg_sizes);
+    TORCH_CHECK(o.sizes() == want, names[i], " must have shape ", want, ", got ", o.sizes());
+    TORCH_CHECK(o.is_contiguous(), names[i], " must be contiguous (iic_views writes the contiguous layout)");
+    at::assert_no_overlap(o, clip);
+    for (int k = 0; k < i; ++k) at::assert_no_overlap(o, *outs[k]);
+  }
+  return rgb.scalar_type();
+}
+
+// A backend's writer of the IIC views: into(clip, time_index, mean, std, scaled, rgb, residual, negative)
+// fills the three buffers, which the entry points below have checked or allocated.
+using ViewsInto = void (*)(const at::Tensor&, const at::Tensor&, std::optional<at::ArrayRef<double>>,
+                           std::optional<at::ArrayRef<double>>, bool, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&);
+
+// iic_views for one backend: its three outputs allocated contiguous, of the view dtype.
+template <ViewsInto into>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_entry(const at::Tensor& clip, const at::Tensor& time_index,
+                                                             std::optional<at::ArrayRef<double>> mean,
+                                                             std::optional<at::ArrayRef<double>> std, bool scaled,
+                                                             std::optional<at::ScalarType> out_dtype) {
+  check_clip(clip);
+  check_time_index(clip, time_index);
+  const auto opts = clip.options().dtype(view_out_dtype(clip, out_dtype)).memory_format(at::MemoryFormat::Contiguous);
+  auto neg_sizes = clip.sizes().vec();
+  neg_sizes[2] = time_index.size(1);
+  at::Tensor rgb = at::empty(clip.sizes(), opts), res = at::empty(clip.sizes(), opts), neg = at::empty(neg_sizes, opts);
+  into(clip, time_index, mean, std, scaled, rgb, res, neg);
+  return {rgb, res, neg};
+}
+
+// iic_views.out for one backend.
+template <ViewsInto into>
+void iic_views_out_entry(const at::Tensor& clip, const at::Tensor& time_index, std::optional<at::ArrayRef<double>> mean,
+                         std::optional<at::ArrayRef<double>> std, bool scaled, at::Tensor& rgb, at::Tensor& residual,
+                         at::Tensor& negative) {
+  check_clip(clip);
+  check_time_index(clip, time_index);
+  check_views_out(clip, time_index, rgb, residual, negative);
+  into(clip, time_index, mean, std, scaled, rgb, residual, negative);
 }
 
 }  // namespace iic_ext

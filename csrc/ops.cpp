@@ -40,6 +40,9 @@ TORCH_LIBRARY(iic_ext, m) {
   // (rgb [B, C, T, H, W], residual [B, C, T, H, W], negative [B, C, T_out, H, W]), contiguous.
   // rgb = (x/255 - mean) / std; residual from x/255 as residual_frames; negative = rgb gathered in time.
   m.def("iic_views(Tensor clip, Tensor time_index, float[]? mean=None, float[]? std=None, bool scaled=True, ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
+  // same, written into rgb, residual [B, C, T, H, W] and negative [B, C, T_out, H, W] (contiguous, one
+  // floating dtype, which is the output dtype)
+  m.def("iic_views.out(Tensor clip, Tensor time_index, float[]? mean=None, float[]? std=None, bool scaled=True, *, Tensor(a!) rgb, Tensor(b!) residual, Tensor(c!) negative) -> ()");
 
   // ---- memory bank (NCE) ---------------------------------------------------------------------
   // feat [B, D], bank [N, D], idx [B, K] int64 in [0, N) -> scores [B, K] = <bank[idx[b, k]], feat[b]>

@@ -371,6 +371,59 @@ def test_iic_views_out_dtype(out_dtype):
             _assert_low_precision(g, wl, w64)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_iic_views_into_buffers(device, layout, out_dtype):
+    """out= writes what the allocating call returns, twice over the same buffers (stale contents are
+    overwritten), and returns the buffers themselves."""
+    x = make_clip((2, 3, 6, 5, 9), torch.uint8, device, layout)
+    mean, std = [0.45, 0.4, 0.35], [0.2, 0.25, 0.3]
+    bufs = (torch.full((2, 3, 6, 5, 9), float("nan"), dtype=out_dtype, device=device),
+            torch.full((2, 3, 6, 5, 9), float("nan"), dtype=out_dtype, device=device),
+            torch.full((2, 3, 4, 5, 9), float("nan"), dtype=out_dtype, device=device))
+    for seed in (0, 1):
+        idx = indices.shuffle_index(2, 6, torch.Generator().manual_seed(seed), "permute")[:, :4].to(device)
+        got = ops.iic_views(x, idx, mean=mean, std=std, out=bufs)
+        assert got is bufs
+        want = ops.iic_views(x, idx, mean=mean, std=std, out_dtype=out_dtype)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+def test_iic_views_out_bad_buffers():
+    x = make_clip((2, 3, 5, 4, 4), torch.uint8)
+    idx = indices.repeat_index(2, 5, torch.Generator().manual_seed(0))
+
+    def bufs(**change):
+        b = {"rgb": torch.empty(2, 3, 5, 4, 4), "residual": torch.empty(2, 3, 5, 4, 4),
+             "negative": torch.empty(2, 3, 5, 4, 4)}
+        b.update(change)
+        return b
+
+    op = torch.ops.iic_ext.iic_views.out
+    with pytest.raises(RuntimeError, match=r"negative must have shape \[2, 3, 5, 4, 4\]"):
+        op(x, idx, **bufs(negative=torch.empty(2, 3, 4, 4, 4)))
+    with pytest.raises(RuntimeError, match="rgb must have shape"):
+        op(x, idx, **bufs(rgb=torch.empty(2, 3, 5, 4, 5)))
+    with pytest.raises(RuntimeError, match="residual must have rgb's dtype"):
+        op(x, idx, **bufs(residual=torch.empty(2, 3, 5, 4, 4, dtype=torch.float64)))
+    with pytest.raises(RuntimeError, match="rgb must be float16, bfloat16, float32 or float64"):
+        op(x, idx, **bufs(rgb=torch.empty(2, 3, 5, 4, 4, dtype=torch.int32)))
+    with pytest.raises(RuntimeError, match="residual must be contiguous"):
+        op(x, idx, **bufs(residual=torch.empty(2, 3, 5, 4, 4).to(memory_format=torch.channels_last_3d)))
+    shared = torch.empty(2, 3, 5, 4, 4)
+    with pytest.raises(RuntimeError, match="memory location"):
+        op(x, idx, **bufs(rgb=shared, residual=shared))
+    xf = torch.rand(2, 3, 5, 4, 4)
+    with pytest.raises(RuntimeError, match="memory location"):
+        op(xf, idx, **bufs(negative=xf))
+    with pytest.raises(RuntimeError, match="out of range"):
+        op(x, torch.full((2, 5), 9), **bufs())
+    with pytest.raises(ValueError, match="out_dtype"):
+        ops.iic_views(x, idx, out_dtype=torch.float64, out=tuple(bufs().values()))
+
+
 def test_iic_views_unscaled_residual_is_the_finetuning_input():
     x = make_clip((2, 3, 5, 4, 4), torch.uint8)
     idx = indices.repeat_index(2, 5)
@@ -410,12 +463,15 @@ def _opcheck_samples():
         (torch.ops.iic_ext._temporal_gather_backward.default, (g, idx, 5)),
         (torch.ops.iic_ext.iic_views.default, (xu, idx, [0.5, 0.4, 0.3], [0.2, 0.2, 0.25], True, None)),
         (torch.ops.iic_ext.iic_views.default, (x.detach(), idx, None, None, False, torch.float32)),
+        (torch.ops.iic_ext.iic_views.out, (xu, idx, [0.5, 0.4, 0.3], None, True),
+         {"rgb": torch.empty(2, 3, 5, 4, 6), "residual": torch.empty(2, 3, 5, 4, 6),
+          "negative": torch.empty(2, 3, 3, 4, 6)}),
         (torch.ops.iic_ext.swap_time_index.default, (torch.tensor([0, 3, 2]), torch.tensor([1, 0, 2]), 16, 4)),
         (torch.ops.iic_ext.swap_time_index.default, (torch.tensor([2, 0]), torch.tensor([0, 1]), 5, 4)),
     ]
 
 
-@pytest.mark.parametrize("sample", range(12))
+@pytest.mark.parametrize("sample", range(13))
 def test_opcheck(sample):
     op, args, *kw = _opcheck_samples()[sample]
     torch.library.opcheck(op, args, kw[0] if kw else {})

@@ -1,6 +1,7 @@
 // The three inputs of an IIC training step from one read of a decoded clip batch, on the CPU.
 //
-// iic_views(clip, time_index, mean, std, scaled, out_dtype) -> (rgb, residual, negative)
+// iic_views(clip, time_index, mean, std, scaled, out_dtype) -> (rgb, residual, negative); iic_views.out
+// writes the same into given buffers (contiguous, of the output dtype).
 //   Args: clip [B, C, T, H, W] uint8 (read as x/255) or float, any strides (a [B, T, H, W, C] batch of
 //         decoded frames passes as its permuted view); time_index [B, T_out] int64 in [0, T);
 //         mean, std: C values or None.
@@ -354,34 +355,29 @@ void views_kernel(const at::Tensor& clip, const at::Tensor& time_index, const st
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cpu(const at::Tensor& clip, const at::Tensor& time_index,
-                                                           std::optional<at::ArrayRef<double>> mean,
-                                                           std::optional<at::ArrayRef<double>> std, bool scaled,
-                                                           std::optional<at::ScalarType> out_dtype) {
-  check_clip(clip);
-  check_time_index(clip, time_index);
+// The views into rgb, res, neg (checked, contiguous, of the output dtype).
+void iic_views_into(const at::Tensor& clip, const at::Tensor& time_index, std::optional<at::ArrayRef<double>> mean,
+                    std::optional<at::ArrayRef<double>> std, bool scaled, const at::Tensor& rgb, const at::Tensor& res,
+                    const at::Tensor& neg) {
   const int64_t C = clip.size(1);
   std::vector<double> m(C), is(C);
   view_normalisation(C, mean, std, m.data(), is.data());
-  const auto dt = view_out_dtype(clip, out_dtype);
-  auto opts = clip.options().dtype(dt).memory_format(at::MemoryFormat::Contiguous);
-  auto neg_sizes = clip.sizes().vec();
-  neg_sizes[2] = time_index.size(1);
-  at::Tensor rgb = at::empty(clip.sizes(), opts), res = at::empty(clip.sizes(), opts), neg = at::empty(neg_sizes, opts);
-  if (clip.numel() == 0) return {rgb, res, neg};
+  if (clip.numel() == 0) return;
   const double in_scale = clip.scalar_type() == at::kByte ? 1.0 / 255.0 : 1.0;
   const at::Tensor idx = time_index.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, clip.scalar_type(), "iic_views_in", [&] {
     using in_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "iic_views_out", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rgb.scalar_type(), "iic_views_out", [&] {
       views_kernel<in_t, scalar_t>(clip, idx, m, is, in_scale, scaled, rgb, res, neg);
     });
   });
-  return {rgb, res, neg};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(iic_ext, CPU, m) { m.impl("iic_views", &iic_views_cpu); }
+TORCH_LIBRARY_IMPL(iic_ext, CPU, m) {
+  m.impl("iic_views", &iic_views_entry<iic_views_into>);
+  m.impl("iic_views.out", &iic_views_out_entry<iic_views_into>);
+}
 
 }  // namespace iic_ext

@@ -154,12 +154,10 @@ __global__ void iic_views_vec_kernel(const in_t* __restrict__ x, const int64_t* 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cuda(const at::Tensor& clip, const at::Tensor& time_index,
-                                                            std::optional<at::ArrayRef<double>> mean,
-                                                            std::optional<at::ArrayRef<double>> std, bool scaled,
-                                                            std::optional<at::ScalarType> out_dtype) {
-  check_clip(clip);
-  check_time_index(clip, time_index);
+// The views into rgb, res, neg (checked, contiguous, of the output dtype).
+void iic_views_into(const at::Tensor& clip, const at::Tensor& time_index, std::optional<at::ArrayRef<double>> mean,
+                    std::optional<at::ArrayRef<double>> std, bool scaled, const at::Tensor& rgb, const at::Tensor& res,
+                    const at::Tensor& neg) {
   const int64_t C = clip.size(1);
   // in double here; each kernel rounds them to its accumulation type, as the CPU kernel does
   double mean_v[kMaxChannels], inv_std_v[kMaxChannels];
@@ -172,13 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cuda(const at::Tensor& 
     view_normalisation(C, mean, std, mean_v, inv_std_v);
   }
   const bool normalise = mean.has_value() || std.has_value();
-  const auto dt = view_out_dtype(clip, out_dtype);
+  const auto dt = rgb.scalar_type();
   c10::cuda::CUDAGuard device_guard(clip.device());
-  auto opts = clip.options().dtype(dt).memory_format(at::MemoryFormat::Contiguous);
-  auto neg_sizes = clip.sizes().vec();
-  neg_sizes[2] = time_index.size(1);
-  at::Tensor rgb = at::empty(clip.sizes(), opts), res = at::empty(clip.sizes(), opts), neg = at::empty(neg_sizes, opts);
-  if (clip.numel() == 0) return {rgb, res, neg};
+  if (clip.numel() == 0) return;
   const double in_scale = clip.scalar_type() == at::kByte ? 1.0 / 255.0 : 1.0;
   const at::Tensor idx = time_index.contiguous();
   const int64_t n_frames = rgb.numel();
@@ -236,11 +230,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_cuda(const at::Tensor& 
       }
     });
   });
-  return {rgb, res, neg};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(iic_ext, CUDA, m) { m.impl("iic_views", &iic_views_cuda); }
+TORCH_LIBRARY_IMPL(iic_ext, CUDA, m) {
+  m.impl("iic_views", &iic_views_entry<iic_views_into>);
+  m.impl("iic_views.out", &iic_views_out_entry<iic_views_into>);
+}
 
 }  // namespace iic_ext

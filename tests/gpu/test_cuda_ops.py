@@ -217,6 +217,22 @@ def test_swap_time_index_cuda_checks_ranges():
 # ---- fused IIC views ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+def test_iic_views_out_cuda_matches_cpu(aligned):
+    """out= on CUDA writes what the CPU op computes, into aligned buffers (the packed kernel) and into
+    buffers one element off alignment (the element kernel)."""
+    x = make_clip((3, 3, 8, 6, 16), torch.uint8, "cpu")
+    idx = torch.randint(0, 8, (3, 5), generator=torch.Generator().manual_seed(6))
+    want = ops.iic_views(x, idx, mean=[0.45, 0.4, 0.35], std=[0.2, 0.25, 0.3])
+    shapes = [w.shape for w in want]
+    off = 0 if aligned else 1
+    flat = [torch.full((off + w.numel(),), float("nan"), device=CUDA) for w in want]
+    bufs = tuple(f[off:].view(sh) for f, sh in zip(flat, shapes))
+    got = ops.iic_views(x.to(CUDA), idx.to(CUDA), mean=[0.45, 0.4, 0.35], std=[0.2, 0.25, 0.3], out=bufs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", CLIP_DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS + ["BTHWC"])
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5, 5), (1, 3, 1, 4, 4), (2, 3, 5, 7, 9), (3, 3, 16, 6, 5)])
