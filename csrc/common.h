@@ -151,8 +151,8 @@ inline void check_gather_out(const at::Tensor& clip, const at::Tensor& time_inde
 
 // out= buffers of iic_views: rgb and residual of clip's shape, negative [B, C, T_out, H, W], all
 // contiguous (the layout the kernels write), of one floating dtype, on clip's device, overlapping neither
-// clip nor each other. Returns their dtype.
-inline at::ScalarType check_views_out(const at::Tensor& clip, const at::Tensor& time_index, const at::Tensor& rgb,
+// clip nor each other.
+inline void check_views_out(const at::Tensor& clip, const at::Tensor& time_index, const at::Tensor& rgb,
                                       const at::Tensor& res, const at::Tensor& neg) {
   const at::Tensor* outs[3] = {&rgb, &res, &neg};
   const char* names[3] = {"rgb", "residual", "negative"};
@@ -170,7 +170,6 @@ inline at::ScalarType check_views_out(const at::Tensor& clip, const at::Tensor& 
     at::assert_no_overlap(o, clip);
     for (int k = 0; k < i; ++k) at::assert_no_overlap(o, *outs[k]);
   }
-  return rgb.scalar_type();
 }
 
 // A backend's writer of the IIC views: into(clip, time_index, mean, std, scaled, rgb, residual, negative)

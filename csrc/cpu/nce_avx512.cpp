@@ -8,7 +8,7 @@ namespace iic_ext {
 namespace nce_cpu {
 
 #if defined(__x86_64__) || defined(__i386__)
-IIC_NCE_UNITS(isa_avx512, IIC_NCE_ATTR_AVX512, IIC_NCE_DEFINE)
+IIC_NCE_UNITS(isa_avx512, IIC_EXT_AVX512, IIC_NCE_DEFINE)
 IIC_NCE_INSTANTIATE(isa_avx512)
 #endif
 

@@ -900,10 +900,8 @@ IIC_INLINE void iic_bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGrou
   template struct NS::Units<c10::BFloat16, double>;
 
 #if defined(__x86_64__) || defined(__i386__)
-#define IIC_NCE_ATTR_AVX512 IIC_EXT_AVX512
-#define IIC_NCE_ATTR_AVX2 IIC_EXT_AVX2
-IIC_NCE_UNITS(isa_avx512, IIC_NCE_ATTR_AVX512, IIC_NCE_DECLARE)
-IIC_NCE_UNITS(isa_avx2, IIC_NCE_ATTR_AVX2, IIC_NCE_DECLARE)
+IIC_NCE_UNITS(isa_avx512, IIC_EXT_AVX512, IIC_NCE_DECLARE)
+IIC_NCE_UNITS(isa_avx2, IIC_EXT_AVX2, IIC_NCE_DECLARE)
 #endif
 IIC_NCE_UNITS(isa_base, , IIC_NCE_DECLARE)
 
