@@ -51,7 +51,12 @@ def swap_pairs(batch: int, num_chunks: int, generator: Optional[torch.Generator]
 
 
 def swap_index(
-    batch: int, num_frames: int, generator: Optional[torch.Generator] = None, device=None, chunks: int = 4
+    batch: int,
+    num_frames: int,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+    chunks: int = 4,
+    build=None,
 ) -> torch.Tensor:
     """Index of the original shuffle negative: split time into ``chunks`` chunks, swap two distinct ones.
 
@@ -59,6 +64,10 @@ def swap_index(
     need not be adjacent). Chunks of unequal length (T not divisible by ``chunks``) move whole, so the
     result is ``cat`` of the chunks with the two exchanged, as the original. With a single chunk (T = 1)
     there is nothing to swap and the index is the identity.
+
+    Args:
+        build: ``build(first, second, num_frames, chunks)`` makes the index from the drawn positions;
+            default :func:`swap_index_from_pairs` (tensor ops; ``ops.swap_time_index`` is one kernel).
 
     Returns:
         Tensor[batch, num_frames] (int64).
@@ -68,7 +77,7 @@ def swap_index(
     if n < 2:
         return torch.arange(num_frames, device=dev).expand(batch, num_frames).contiguous()
     first, second = swap_pairs(batch, n, generator, dev)
-    return swap_index_from_pairs(first, second, num_frames, chunks)
+    return (build or swap_index_from_pairs)(first, second, num_frames, chunks)
 
 
 def swap_index_from_pairs(first: torch.Tensor, second: torch.Tensor, num_frames: int, chunks: int = 4) -> torch.Tensor:

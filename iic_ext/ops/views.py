@@ -112,10 +112,8 @@ def shuffle_negative(
     """
     x, _ = _batched(clip)
     B, T = x.shape[0], x.shape[2]
-    n = len(indices.chunk_bounds(T))
-    if mode == "swap" and n >= 2:  # the draws of indices.swap_index, the index built in one kernel
-        first, second = indices.swap_pairs(B, n, generator, x.device)
-        index = swap_time_index(first, second, T)
+    if mode == "swap":  # the sampler's draws, the index built in one kernel
+        index = indices.swap_index(B, T, generator, x.device, build=swap_time_index)
     else:
         index = indices.shuffle_index(B, T, generator, mode, device=x.device)
     out = temporal_gather(clip, index if clip.dim() == 5 else index[0])
