@@ -14,6 +14,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "common.h"
 #include "op_handles.h"
 
 namespace iic_ext {
@@ -77,6 +78,20 @@ at::Tensor temporal_gather_autograd(const at::Tensor& clip, const at::Tensor& ti
 
 // ---- memory bank -----------------------------------------------------------------------------------
 
+// Marks, for the length of an NCE forward, whether its backward may follow (nce_backward_expected).
+class ExpectBackward {
+ public:
+  explicit ExpectBackward(bool expected) : saved_(nce_backward_expected()) { nce_backward_expected() = expected; }
+  ~ExpectBackward() { nce_backward_expected() = saved_; }
+
+ private:
+  bool saved_;
+};
+
+bool grad_follows(const at::Tensor& a, const at::Tensor& b = at::Tensor()) {
+  return at::GradMode::is_enabled() && (a.requires_grad() || (b.defined() && b.requires_grad()));
+}
+
 class BankScores : public torch::autograd::Function<BankScores> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& feat, const at::Tensor& bank,
@@ -100,6 +115,7 @@ class BankScores : public torch::autograd::Function<BankScores> {
 };
 
 at::Tensor bank_scores_autograd(const at::Tensor& feat, const at::Tensor& bank, const at::Tensor& idx) {
+  const ExpectBackward expect(grad_follows(feat));
   return BankScores::apply(feat, bank, idx);
 }
 
@@ -133,6 +149,7 @@ class IicScores : public torch::autograd::Function<IicScores> {
 std::tuple<at::Tensor, at::Tensor> iic_scores_autograd(const at::Tensor& l, const at::Tensor& ab,
                                                        const at::Tensor& bank_l, const at::Tensor& bank_ab,
                                                        const OptTensor& bank_neg, const at::Tensor& idx, double inv_t) {
+  const ExpectBackward expect(grad_follows(l, ab));
   auto out = IicScores::apply(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t);
   return {out[0], out[1]};
 }

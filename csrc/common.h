@@ -36,6 +36,17 @@ inline std::atomic<bool>& gpu_index_checks() {
   return enabled;
 }
 
+// Whether the NCE forward running on this thread may be followed by its backward: set by the Autograd
+// kernels for the length of the forward, when grad mode is on and a feature requires grad. Only then
+// does the CPU forward keep its row grouping for the backward, so inference holds none.
+inline bool& nce_backward_expected() {
+  static thread_local bool expected = false;
+  return expected;
+}
+
+// Whether this thread holds a row grouping kept by a CPU NCE forward for its backward (nce.cpp).
+bool nce_cpu_holds_grouping();
+
 // Values of an int64 index tensor must lie in [0, upper). One reduction; on CUDA it synchronises,
 // the price of never reading out of bounds.
 inline void check_index(const at::Tensor& idx, int64_t upper, const char* name, const char* what) {

@@ -71,6 +71,8 @@ TORCH_LIBRARY(iic_ext, m) {
   // previous setting. CPU indices are always checked.
   m.def("_set_gpu_index_checks(bool enabled) -> bool",
         [](bool enabled) { return iic_ext::gpu_index_checks().exchange(enabled); });
+  // whether this thread holds a row grouping that a CPU NCE forward kept for its backward
+  m.def("_nce_holds_grouping() -> bool", [] { return iic_ext::nce_cpu_holds_grouping(); });
   // the instruction set the CPU kernels use: "avx512", "avx2" or "base" (capped by IIC_EXT_CPU_ISA)
   m.def("_cpu_isa() -> str", [] { return std::string(iic_ext::isa_name(iic_ext::cpu_isa())); });
 }

@@ -267,7 +267,12 @@ def test_iic_scores_deterministic():
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-# The CPU forward keeps its row grouping for the backward of the same idx tensor (one autograd step).
+def holds_grouping():
+    return torch.ops.iic_ext._nce_holds_grouping()
+
+
+# The CPU forward keeps its row grouping for the backward of the same idx tensor (one autograd step),
+# when a backward can follow (grad mode on, a feature requiring grad).
 # (8, 30, 19, 100): 2.4 draws per bank row, grouped by row for both ops.
 def _grouped_backward(op, seed):
     B, K, D, N = 8, 30, 19, 100
@@ -295,15 +300,42 @@ def test_backward_reuses_forward_grouping_only_for_unchanged_draws(op):
     outs = fwd(*xs, idx)
     got = torch.autograd.grad(outs, xs, ups)
     assert_close(got, ref(*[f.clone().requires_grad_() for f in feats], idx))
-    fwd(*feats, idx)
+    assert not holds_grouping()  # the backward took it
+    fwd(*[f.clone().requires_grad_() for f in feats], idx)
+    assert holds_grouping()
     cached = bwd(idx)
+    assert not holds_grouping()
     fresh = bwd(idx.clone())
     assert all(torch.equal(a, b) for a, b in zip(cached, fresh))
     # idx changed in place after the forward: its grouping must not be reused
-    fwd(*feats, idx)
+    fwd(*[f.clone().requires_grad_() for f in feats], idx)
     new = torch.randint(0, 100, (8, 30), generator=torch.Generator().manual_seed(1))
     idx.copy_(new)
     assert_close(bwd(idx), ref(*[f.clone().requires_grad_() for f in feats], new))
+
+
+@pytest.mark.parametrize("op", ["bank", "iic"])
+def test_forward_keeps_grouping_only_when_a_backward_can_follow(op):
+    idx = torch.randint(0, 100, (8, 30), generator=torch.Generator().manual_seed(0))
+    feats, _, fwd, _, _ = _grouped_backward(op, seed=0)
+    xs = [f.clone().requires_grad_() for f in feats]
+    step = lambda: torch.autograd.grad(outs, xs, [torch.ones_like(o) for o in outs])
+    outs = fwd(*xs, idx)  # one training step: the forward keeps its grouping, the backward takes it
+    assert holds_grouping()
+    step()
+    assert not holds_grouping()
+    fwd(*feats, idx)  # no feature requires grad
+    assert not holds_grouping()
+    with torch.no_grad():
+        fwd(*xs, idx)
+    assert not holds_grouping()
+    with torch.inference_mode():
+        fwd(*xs, idx)
+    assert not holds_grouping()
+    outs = fwd(*xs, idx)
+    assert holds_grouping()
+    step()
+    assert not holds_grouping()
 
 
 # 2^18 pairs, grouped by row, then split into many work units of rows (the most the plans use); 3 draws

@@ -112,11 +112,12 @@ bool same_draws(const CachedGroups& c, const at::Tensor& idx, int64_t N, int64_t
          c.N == N && c.C == C;
 }
 
-// The row grouping of a forward (with_where), kept for its backward; key is the caller's idx tensor.
+// The row grouping of a forward (with_where), kept for its backward when one is expected (see
+// nce_backward_expected); key is the caller's idx tensor.
 std::shared_ptr<const RowGroups> forward_groups(const int64_t* ix, int64_t B, int64_t Kc, int64_t C, int64_t N,
                                                 const at::Tensor& key) {
   auto g = std::make_shared<const RowGroups>(group_by_row(ix, B, Kc, C, N, /*with_where=*/true));
-  cached_groups = CachedGroups{key, key._version(), N, C, g};
+  if (nce_backward_expected()) cached_groups = CachedGroups{key, key._version(), N, C, g};
   return g;
 }
 
@@ -130,6 +131,12 @@ std::shared_ptr<const RowGroups> backward_groups(const int64_t* ix, int64_t B, i
   }
   return std::make_shared<const RowGroups>(group_by_row(ix, B, Kc, C, N));
 }
+
+}  // namespace
+
+bool nce_cpu_holds_grouping() { return cached_groups.groups != nullptr; }
+
+namespace {
 
 #if defined(__x86_64__) || defined(__i386__)
 #define IIC_NCE_DISPATCH(FN, ...)                                         \
