@@ -16,6 +16,9 @@ A second set of rows times the same step with the loss fused into the scores: ``
 original-style and of the dense logits (``reference.iic_softmax_loss`` / ``iic_softmax_loss_dense``).
 Each call returns the same two gradients and leaves the same banks as the rows above.
 
+Every arm's banks are allocated as ``NCEAverage`` allocates its own (``iic_ext.ops.empty_bank``: on
+Linux, transparent huge pages for CPU banks of 32 MiB and more), so all arms read the same memory.
+
 Floor: a kernel must read at least the sampled rows of the three banks once, or each whole bank once
 when that is smaller, so ``floor = min(3 B (K + 1) D, 3 N D) * itemsize / bandwidth``.
 """
@@ -36,10 +39,15 @@ TEMPERATURE = 0.07
 MOMENTUM = 0.5
 
 
+def _bank_like(bank):
+    """A copy of ``bank`` in memory allocated as ``NCEAverage`` allocates its banks (``ops.empty_bank``)."""
+    return ops.empty_bank(*bank.shape, dtype=bank.dtype, device=bank.device).copy_(bank)
+
+
 def _banks(N, D, device, g):
     stdv = 1.0 / (D / 3) ** 0.5  # the original initialisation, rows then normalised as after updates
     banks = [torch.rand(N, D, generator=g).mul_(2 * stdv).add_(-stdv) for _ in range(3)]
-    return [F.normalize(b, dim=1).to(device) for b in banks]
+    return [_bank_like(F.normalize(b, dim=1).to(device)) for b in banks]
 
 
 def _logits_then_ce(scores):
@@ -113,7 +121,7 @@ def run(cfg: Config):
         floor = min(3 * B * (K + 1) * D, 3 * N * D) * item + 3 * 2 * B * D * item
         for name, arm_fns in _arms().items():
             # every arm updates its own copy of the banks, so the rows each reads stay alike
-            arms = {arm: _make_step(losses, update, l, ab, neg, [b.clone() for b in banks], idx, y)
+            arms = {arm: _make_step(losses, update, l, ab, neg, [_bank_like(b) for b in banks], idx, y)
                     for arm, (losses, update) in arm_fns.items()}
             rows += compare(cfg, "nce", name, (B, K, D, N), banks[0].dtype, arms, floor,
                             variant=f"B={B} K={K} D={D} N={N}")

@@ -119,7 +119,8 @@ class NCEAverage(nn.Module):
 
     Buffers (as the original): ``params`` = ``[K, T, Z_l, Z_ab, momentum]`` (Z = -1 until set),
     ``memory_l``, ``memory_ab`` (and ``memory_neg``), each [N, D], initialised uniform in
-    ``[-1/sqrt(D/3), 1/sqrt(D/3))``.
+    ``[-1/sqrt(D/3), 1/sqrt(D/3))`` from the global generator, as the original; allocated with
+    :func:`iic_ext.ops.empty_bank` (huge pages for large CPU banks).
     """
 
     def __init__(
@@ -140,10 +141,14 @@ class NCEAverage(nn.Module):
         self.intra_neg = intra_neg
         self.register_buffer("params", torch.tensor([nce_k, nce_t, -1, -1, nce_m]))
         stdv = 1.0 / math.sqrt(feat_dim / 3)
-        self.register_buffer("memory_l", torch.rand(n_data, feat_dim).mul_(2 * stdv).add_(-stdv))
-        self.register_buffer("memory_ab", torch.rand(n_data, feat_dim).mul_(2 * stdv).add_(-stdv))
+
+        def init():  # the original's torch.rand draws, in a bank allocated for random row reads
+            return torch.rand(n_data, feat_dim, out=nce_ops.empty_bank(n_data, feat_dim)).mul_(2 * stdv).add_(-stdv)
+
+        self.register_buffer("memory_l", init())
+        self.register_buffer("memory_ab", init())
         if intra_neg:
-            self.register_buffer("memory_neg", torch.rand(n_data, feat_dim).mul_(2 * stdv).add_(-stdv))
+            self.register_buffer("memory_neg", init())
         else:
             self.memory_neg = None
         if generator is None:

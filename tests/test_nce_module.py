@@ -1,5 +1,6 @@
 """NCEAverage and the losses against a module written the original way (index_select + bmm + index_copy_)."""
 import math
+import os
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from iic_ext.nce import NCEAverage, NCECriterion, NCESoftmaxLoss, positive_prob
+from iic_ext.ops import empty_bank
+from iic_ext.ops.nce import _advise_huge_pages
 
 N, D, K, B = 50, 24, 20, 6
 
@@ -201,6 +204,46 @@ def test_original_state_dict_loads_strict():
     stdv = 1 / math.sqrt(512 / 3)
     assert m.params.tolist()[:4] == pytest.approx([1024, 0.07, -1, -1]) and m.params[4].item() == 0.5
     assert m.memory_l.abs().max() <= stdv and m.memory_neg.shape == (100, 512)
+
+
+def _vm_flags(address):
+    """The VmFlags of the mapping of this process that holds ``address`` (Linux)."""
+    span = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                span = (lo, hi)
+            elif line.startswith("VmFlags:") and span[0] <= address < span[1]:
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_initial_banks_are_the_original_draws_at_every_size():
+    # above HUGE_PAGE_MIN_BYTES per bank (empty_bank advises those) and below it
+    for n, d in ((N, D), ((32 << 20) // (4 * 128) + 7, 128)):
+        torch.manual_seed(11)
+        ref = OriginalNCEAverage(d, n, K)
+        torch.manual_seed(11)
+        ours = NCEAverage(d, n, K)
+        for k in ("memory_l", "memory_ab", "memory_neg"):
+            assert torch.equal(getattr(ours, k), getattr(ref, k))
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="needs Linux with transparent huge pages")
+def test_large_cpu_banks_are_advised_huge_pages():
+    n = (32 << 20) // (4 * 128) + 7  # just over 32 MiB of float32 rows
+    m = NCEAverage(128, n, K)
+    for bank in (m.memory_l, m.memory_ab, m.memory_neg):
+        assert "hg" in _vm_flags(bank.data_ptr() + (4 << 20))  # madvise(MADV_HUGEPAGE) on its interior
+    bank = empty_bank(n, 128, dtype=torch.float64)
+    assert bank.shape == (n, 128) and bank.dtype == torch.float64
+    assert "hg" in _vm_flags(bank.data_ptr() + (4 << 20))
+    small = empty_bank(100, 16)
+    assert small.shape == (100, 16) and small.dtype == torch.float32
+    assert not _advise_huge_pages(small)  # under 32 MiB: may share its mapping with other memory
 
 
 def test_generator_makes_idx_reproducible():

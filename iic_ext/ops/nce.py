@@ -4,12 +4,64 @@ Thin wrappers over ``torch.ops.iic_ext.*`` with their fake (meta) kernels; the a
 registered in C++ (csrc/autograd.cpp). When the compiled library is missing they run the pure-PyTorch reference (and warn once). The banks are
 constant buffers: scores are differentiable with respect to the features only.
 """
+import ctypes
+import sys
 from typing import Optional, Tuple
 
 import torch
 
 from . import reference
 from ._library import HAS_C, use_compiled
+
+
+# Transparent huge pages for large CPU banks. The ops read bank rows at random; with 4 KB pages every
+# row of a bank much larger than the TLB's reach (a few MB) costs a page walk, and the walks, not the
+# memory, bound the gather. Allocations of 32 MiB and more are always a mapping of their own (glibc's
+# mmap threshold is capped there), so advising one touches no other memory.
+_HUGE_PAGE = 2 << 20
+HUGE_PAGE_MIN_BYTES = 32 << 20
+_MADV_HUGEPAGE = 14
+_madvise = None
+
+
+def _advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back the 2 MiB-aligned interior of ``t``'s memory with transparent huge pages
+    (``madvise(MADV_HUGEPAGE)``), which takes effect for pages first touched afterwards. Returns whether
+    the advice was given: never for non-CPU tensors, tensors under :data:`HUGE_PAGE_MIN_BYTES` or other
+    systems; a kernel without transparent huge pages (or with them set to ``never``) ignores it."""
+    global _madvise
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.untyped_storage().nbytes() < HUGE_PAGE_MIN_BYTES:
+        return False
+    if _madvise is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            fn = False
+        else:
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+        _madvise = fn
+    if not _madvise:
+        return False
+    start = t.untyped_storage().data_ptr()
+    begin = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
+    end = (start + t.untyped_storage().nbytes()) // _HUGE_PAGE * _HUGE_PAGE
+    return end > begin and _madvise(begin, end - begin, _MADV_HUGEPAGE) == 0
+
+
+def empty_bank(
+    n: int, d: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """An uninitialised memory bank ``[n, d]`` for the ops below (fill it before use).
+
+    On Linux a CPU bank of 32 MiB or more is backed by transparent huge pages where the kernel allows
+    it (advised before any page is touched). The ops read bank rows at random, and with 4 KB pages each
+    row of a large bank costs a page walk: at 1.28M rows of 128 floats the fused loss went from about
+    90 to 60-77 ms per step on a 2-core Xeon. Otherwise it is ``torch.empty``.
+    """
+    bank = torch.empty(n, d, dtype=dtype, device=device)
+    _advise_huge_pages(bank)
+    return bank
 
 
 def bank_scores(feat: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
