@@ -56,8 +56,8 @@ def empty_bank(
 
     On Linux a CPU bank of 32 MiB or more is backed by transparent huge pages where the kernel allows
     it (advised before any page is touched). The ops read bank rows at random, and with 4 KB pages each
-    row of a large bank costs a page walk: at 1.28M rows of 128 floats the fused loss went from about
-    90 to 60-77 ms per step on a 2-core Xeon. Otherwise it is ``torch.empty``.
+    row of a large bank costs a page walk: at 1.28M rows of 128 floats the fused loss went from 90-100
+    to 60-82 ms per call on a 2-core Xeon. Otherwise it is ``torch.empty``.
     """
     bank = torch.empty(n, d, dtype=dtype, device=device)
     _advise_huge_pages(bank)
