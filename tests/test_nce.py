@@ -319,10 +319,13 @@ def test_forward_keeps_grouping_only_when_a_backward_can_follow(op):
     idx = torch.randint(0, 100, (8, 30), generator=torch.Generator().manual_seed(0))
     feats, _, fwd, _, _ = _grouped_backward(op, seed=0)
     xs = [f.clone().requires_grad_() for f in feats]
-    step = lambda: torch.autograd.grad(outs, xs, [torch.ones_like(o) for o in outs])
+
+    def backward(outs):
+        torch.autograd.grad(outs, xs, [torch.ones_like(o) for o in outs])
+
     outs = fwd(*xs, idx)  # one training step: the forward keeps its grouping, the backward takes it
     assert holds_grouping()
-    step()
+    backward(outs)
     assert not holds_grouping()
     fwd(*feats, idx)  # no feature requires grad
     assert not holds_grouping()
@@ -334,7 +337,7 @@ def test_forward_keeps_grouping_only_when_a_backward_can_follow(op):
     assert not holds_grouping()
     outs = fwd(*xs, idx)
     assert holds_grouping()
-    step()
+    backward(outs)
     assert not holds_grouping()
 
 

@@ -30,7 +30,8 @@ def _advise_huge_pages(t: torch.Tensor) -> bool:
     the advice was given: never for non-CPU tensors, tensors under :data:`HUGE_PAGE_MIN_BYTES` or other
     systems; a kernel without transparent huge pages (or with them set to ``never``) ignores it."""
     global _madvise
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.untyped_storage().nbytes() < HUGE_PAGE_MIN_BYTES:
+    storage = t.untyped_storage()
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or storage.nbytes() < HUGE_PAGE_MIN_BYTES:
         return False
     if _madvise is None:
         try:
@@ -43,9 +44,9 @@ def _advise_huge_pages(t: torch.Tensor) -> bool:
         _madvise = fn
     if not _madvise:
         return False
-    start = t.untyped_storage().data_ptr()
+    start = storage.data_ptr()
     begin = (start + _HUGE_PAGE - 1) // _HUGE_PAGE * _HUGE_PAGE
-    end = (start + t.untyped_storage().nbytes()) // _HUGE_PAGE * _HUGE_PAGE
+    end = (start + storage.nbytes()) // _HUGE_PAGE * _HUGE_PAGE
     return end > begin and _madvise(begin, end - begin, _MADV_HUGEPAGE) == 0
 
 
