@@ -255,11 +255,15 @@ IIC_INLINE const acc_t* load_row(const bank_t* bank, int64_t ld, int64_t r, int6
   }
 }
 
+// Row r of a bank, prefetched into the second-level cache (prefetcht1). The gathers prefetch a block of
+// rows ahead, more lines than the first-level cache can have in flight; aimed at L2 they do not hold
+// its fill buffers, and the gather of the fused loss at 1.28M rows was 10-13% faster than with
+// prefetcht0 (alternating runs, one thread).
 template <typename bank_t>
 IIC_INLINE void prefetch_row(const bank_t* bank, int64_t ld, int64_t r, int64_t D) {
   const char* p = reinterpret_cast<const char*>(bank + r * ld);
   const int64_t bytes = D * static_cast<int64_t>(sizeof(bank_t));
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
 }
 
 // ---- the problem: which bank rows are dotted with which features, and where the results go --------
