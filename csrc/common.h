@@ -47,15 +47,22 @@ inline bool& nce_backward_expected() {
 // Whether this thread holds a row grouping kept by a CPU NCE forward for its backward (nce.cpp).
 bool nce_cpu_holds_grouping();
 
-// Values of an int64 index tensor must lie in [0, upper). One reduction; on CUDA it synchronises,
-// the price of never reading out of bounds.
+// Values of an int64 index tensor must lie in [0, upper). One reduction; on a GPU it synchronises
+// once (both extremes come back in one copy), the price of never reading out of bounds.
 inline void check_index(const at::Tensor& idx, int64_t upper, const char* name, const char* what) {
   TORCH_CHECK(idx.scalar_type() == at::kLong, name, " must be int64, got ", idx.scalar_type());
   if (idx.numel() == 0) return;
   if (!idx.is_cpu() && !gpu_index_checks().load(std::memory_order_relaxed)) return;
   auto mm = at::aminmax(idx);
-  const int64_t lo = std::get<0>(mm).item<int64_t>();
-  const int64_t hi = std::get<1>(mm).item<int64_t>();
+  int64_t lo, hi;
+  if (idx.is_cpu()) {
+    lo = std::get<0>(mm).item<int64_t>();
+    hi = std::get<1>(mm).item<int64_t>();
+  } else {
+    const at::Tensor both = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
+    lo = both.const_data_ptr<int64_t>()[0];
+    hi = both.const_data_ptr<int64_t>()[1];
+  }
   TORCH_CHECK(lo >= 0, name, " has a negative entry (", lo, "); entries must lie in [0, ", upper, ") (", what, ")");
   TORCH_CHECK(hi < upper, name, " has an entry out of range (", hi, "); entries must lie in [0, ", upper, ") (",
               what, ")");
