@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <vector>
 
 namespace iic_ext {
 
@@ -54,18 +55,18 @@ inline void check_index(const at::Tensor& idx, int64_t upper, const char* name, 
   if (idx.numel() == 0) return;
   if (!idx.is_cpu() && !gpu_index_checks().load(std::memory_order_relaxed)) return;
   auto mm = at::aminmax(idx);
-  int64_t lo, hi;
-  if (idx.is_cpu()) {
-    lo = std::get<0>(mm).item<int64_t>();
-    hi = std::get<1>(mm).item<int64_t>();
-  } else {
-    const at::Tensor both = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();
-    lo = both.const_data_ptr<int64_t>()[0];
-    hi = both.const_data_ptr<int64_t>()[1];
-  }
+  const at::Tensor both = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();  // one copy to the host
+  const int64_t lo = both.const_data_ptr<int64_t>()[0], hi = both.const_data_ptr<int64_t>()[1];
   TORCH_CHECK(lo >= 0, name, " has a negative entry (", lo, "); entries must lie in [0, ", upper, ") (", what, ")");
   TORCH_CHECK(hi < upper, name, " has an entry out of range (", hi, "); entries must lie in [0, ", upper, ") (",
               what, ")");
+}
+
+// Sizes of clip's frames gathered by time_index [B, T_out]: [B, C, T_out, H, W].
+inline std::vector<int64_t> gathered_sizes(const at::Tensor& clip, const at::Tensor& time_index) {
+  auto sizes = clip.sizes().vec();
+  sizes[2] = time_index.size(1);
+  return sizes;
 }
 
 inline void check_time_index(const at::Tensor& clip, const at::Tensor& time_index) {
@@ -171,11 +172,10 @@ inline void check_gather_out(const at::Tensor& clip, const at::Tensor& time_inde
 // contiguous (the layout the kernels write), of one floating dtype, on clip's device, overlapping neither
 // clip nor each other.
 inline void check_views_out(const at::Tensor& clip, const at::Tensor& time_index, const at::Tensor& rgb,
-                                      const at::Tensor& res, const at::Tensor& neg) {
+                            const at::Tensor& res, const at::Tensor& neg) {
   const at::Tensor* outs[3] = {&rgb, &res, &neg};
   const char* names[3] = {"rgb", "residual", "negative"};
-  auto neg_sizes = clip.sizes().vec();
-  neg_sizes[2] = time_index.size(1);
+  const auto neg_sizes = gathered_sizes(clip, time_index);
   for (int i = 0; i < 3; ++i) {
     const at::Tensor& o = *outs[i];
     check_float_dtype(o.scalar_type(), names[i]);
@@ -205,9 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iic_views_entry(const at::Tensor&
   check_clip(clip);
   check_time_index(clip, time_index);
   const auto opts = clip.options().dtype(view_out_dtype(clip, out_dtype)).memory_format(at::MemoryFormat::Contiguous);
-  auto neg_sizes = clip.sizes().vec();
-  neg_sizes[2] = time_index.size(1);
-  at::Tensor rgb = at::empty(clip.sizes(), opts), res = at::empty(clip.sizes(), opts), neg = at::empty(neg_sizes, opts);
+  at::Tensor rgb = at::empty(clip.sizes(), opts), res = at::empty(clip.sizes(), opts),
+             neg = at::empty(gathered_sizes(clip, time_index), opts);
   into(clip, time_index, mean, std, scaled, rgb, res, neg);
   return {rgb, res, neg};
 }

@@ -95,9 +95,8 @@ void temporal_gather_out_cpu(const at::Tensor& clip, const at::Tensor& time_inde
 at::Tensor temporal_gather_cpu(const at::Tensor& clip, const at::Tensor& time_index) {
   check_clip(clip);
   TORCH_CHECK(time_index.dim() == 2, "time_index must be [B, T_out], got shape ", time_index.sizes());
-  auto sizes = clip.sizes().vec();
-  sizes[2] = time_index.size(1);
-  at::Tensor out = at::empty(sizes, clip.options().memory_format(clip.suggest_memory_format()));
+  at::Tensor out =
+      at::empty(gathered_sizes(clip, time_index), clip.options().memory_format(clip.suggest_memory_format()));
   temporal_gather_out_cpu(clip, time_index, out);
   return out;
 }

@@ -199,9 +199,8 @@ at::Tensor temporal_gather_cuda(const at::Tensor& clip, const at::Tensor& time_i
   TORCH_CHECK(time_index.dim() == 2, "time_index must be [B, T_out], got shape ", time_index.sizes());
   check_same_device(clip, "clip", time_index, "time_index");
   c10::cuda::CUDAGuard device_guard(clip.device());
-  auto sizes = clip.sizes().vec();
-  sizes[2] = time_index.size(1);
-  at::Tensor out = at::empty(sizes, clip.options().memory_format(clip.suggest_memory_format()));
+  at::Tensor out =
+      at::empty(gathered_sizes(clip, time_index), clip.options().memory_format(clip.suggest_memory_format()));
   temporal_gather_out_impl(clip, time_index, out);
   return out;
 }
