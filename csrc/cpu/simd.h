@@ -60,6 +60,5 @@ inline Isa cpu_isa() {
 }
 
 inline bool cpu_has_avx2() { return cpu_isa() >= Isa::kAvx2; }
-inline bool cpu_has_avx512() { return cpu_isa() >= Isa::kAvx512; }
 
 }  // namespace iic_ext
