@@ -235,6 +235,37 @@ def test_iic_scores_plans_agree(neg):
             assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+# The GEMM plan keeps a job's scores in bank-row order ([N, jobs' features]) while they take at most 1 MiB,
+# else in feature order. (B, K, D, N) with more than 8 draws per bank row: both jobs of one feature
+# and the negative bank's job of two in bank-row order; the one-feature jobs in bank-row order and the
+# negative bank's (2 B features: 1.5 MiB in float32) in feature order; every job in feature order.
+@pytest.mark.parametrize("shape", [(16, 300, 8, 500), (32, 1600, 8, 6000), (64, 600, 8, 4200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gemm_plan_in_either_score_order_matches_reference(shape, dtype):
+    l, ab, bl, bab, bneg, idx = _iic_inputs(*shape, dtype, dtype)
+    g = torch.Generator().manual_seed(2)
+    gl, gab = torch.randn(2, shape[0], 2 * shape[1], dtype=torch.float64, generator=g).to(dtype)
+    d = lambda t: t.double().requires_grad_()  # noqa: E731
+    x, y = l.clone().requires_grad_(), ab.clone().requires_grad_()
+    got = iic_scores(x, y, bl, bab, bneg, idx, 3.0)
+    got += torch.autograd.grad(got, (x, y), (gl, gab))
+    x, y = d(l), d(ab)
+    want = reference.iic_scores(x, y, bl.double(), bab.double(), bneg.double(), idx, 3.0)
+    want += torch.autograd.grad(want, (x, y), (gl.double(), gab.double()))
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for a, b in zip(got, want):
+        assert_close(a.double(), b, rtol=tol, atol=tol)
+    # bank_scores: one job of B features
+    x = l.clone().requires_grad_()
+    s = bank_scores(x, bab, idx)
+    (gs,) = torch.autograd.grad(s, x, gl[:, : shape[1]])
+    x = d(l)
+    ws = reference.bank_scores(x, bab.double(), idx)
+    (wg,) = torch.autograd.grad(ws, x, gl[:, : shape[1]].double())
+    assert_close(s.double(), ws, rtol=tol, atol=tol)
+    assert_close(gs.double(), wg, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("shape", [DENSE_SHAPES[0], ROWS_SHAPES[1], GATHER_SHAPES[0]])
 @pytest.mark.parametrize("neg", [True, False])
 def test_iic_scores_gradcheck(shape, neg):

@@ -209,22 +209,35 @@ std::pair<at::Tensor, at::Tensor> job_tensors(const Problem<bank_t, acc_t>& p, c
   return {bank, job.nf == 1 ? f[0] : at::cat(f)};
 }
 
+// The dense forward's scores of one job in bank-row order ([N, nf B]) when they take at most this many
+// bytes, else in feature order ([nf B, N]). BLAS computes bank @ feat.T 1.4-2x faster than
+// feat @ bank.T for up to 32 features (two cores: N = 1000-20000, D = 128 and 512; equal at 64), but
+// gathering from it reads one score per cache line anywhere in the matrix, which pays only while the
+// matrix stays in the second-level cache; in feature order each sample gathers from its own row.
+// Measured IIC forward (B, K, D, N): (16, 4096, 512, 3570) 4.1-4.3 -> 2.0-2.2 ms in bank-row order;
+// (32, 16384, 128, 20000) 6.9 ms in feature order against 9.4 in bank-row order.
+constexpr int64_t kDenseRowMajorMaxBytes = int64_t{1} << 20;
+
 template <typename bank_t, typename acc_t>
 void forward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
   const int64_t B = p.B, Kc = p.Kc, C = p.C;
   for (int j = 0; j < p.njobs; ++j) {
     const auto& job = p.jobs[j];
     auto [bank, feat] = job_tensors(p, job, N, true);
-    const at::Tensor S = at::mm(feat, bank.t()).contiguous();  // [nf B, N]
+    const int64_t W = job.nf * B;
+    // score (i, b, r) at s[r * rs + (i B + b) * fs]
+    const bool row_major = N * W * static_cast<int64_t>(sizeof(acc_t)) <= kDenseRowMajorMaxBytes;
+    const at::Tensor S = (row_major ? at::mm(bank, feat.t()) : at::mm(feat, bank.t())).contiguous();
+    const int64_t rs = row_major ? W : 1, fs = row_major ? 1 : N;
     const acc_t* s = S.const_data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       const DenormalsAreZero daz;
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t* ix = p.idx + b * Kc;
         for (int i = 0; i < job.nf; ++i) {
-          const acc_t* sr = s + (i * B + b) * N;
+          const acc_t* sr = s + (i * B + b) * fs;
           acc_t* out = job.mat[i] + b * C + job.off[i];
-          for (int64_t k = 0; k < Kc; ++k) out[k] = sr[ix[k]] * p.scale;
+          for (int64_t k = 0; k < Kc; ++k) out[k] = sr[ix[k] * rs] * p.scale;
         }
       }
     });
