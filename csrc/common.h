@@ -48,18 +48,35 @@ inline bool& nce_backward_expected() {
 // Whether this thread holds a row grouping kept by a CPU NCE forward for its backward (nce.cpp).
 bool nce_cpu_holds_grouping();
 
-// Values of an int64 index tensor must lie in [0, upper). One reduction; on a GPU it synchronises
-// once (both extremes come back in one copy), the price of never reading out of bounds.
+// Values of int64 index tensors (on one device) must lie in [0, upper); the first tensor with a value
+// outside is named. One reduction each; on a GPU the extremes of all of them come back in one copy, so
+// the check synchronises once, the price of never reading out of bounds.
+inline void check_indices(std::initializer_list<std::pair<const at::Tensor*, const char*>> named, int64_t upper,
+                          const char* what) {
+  const bool gpu = gpu_index_checks().load(std::memory_order_relaxed);
+  std::vector<at::Tensor> extremes;
+  std::vector<const char*> names;
+  for (const auto& [idx, name] : named) {
+    TORCH_CHECK(idx->scalar_type() == at::kLong, name, " must be int64, got ", idx->scalar_type());
+    if (idx->numel() == 0 || (!idx->is_cpu() && !gpu)) continue;
+    auto mm = at::aminmax(*idx);
+    extremes.push_back(std::get<0>(mm));
+    extremes.push_back(std::get<1>(mm));
+    names.push_back(name);
+  }
+  if (extremes.empty()) return;
+  const at::Tensor all = at::stack(extremes).cpu();  // one copy to the host
+  const int64_t* v = all.const_data_ptr<int64_t>();
+  for (const char* name : names) {
+    const int64_t lo = *v++, hi = *v++;
+    TORCH_CHECK(lo >= 0, name, " has a negative entry (", lo, "); entries must lie in [0, ", upper, ") (", what, ")");
+    TORCH_CHECK(hi < upper, name, " has an entry out of range (", hi, "); entries must lie in [0, ", upper, ") (",
+                what, ")");
+  }
+}
+
 inline void check_index(const at::Tensor& idx, int64_t upper, const char* name, const char* what) {
-  TORCH_CHECK(idx.scalar_type() == at::kLong, name, " must be int64, got ", idx.scalar_type());
-  if (idx.numel() == 0) return;
-  if (!idx.is_cpu() && !gpu_index_checks().load(std::memory_order_relaxed)) return;
-  auto mm = at::aminmax(idx);
-  const at::Tensor both = at::stack({std::get<0>(mm), std::get<1>(mm)}).cpu();  // one copy to the host
-  const int64_t lo = both.const_data_ptr<int64_t>()[0], hi = both.const_data_ptr<int64_t>()[1];
-  TORCH_CHECK(lo >= 0, name, " has a negative entry (", lo, "); entries must lie in [0, ", upper, ") (", what, ")");
-  TORCH_CHECK(hi < upper, name, " has an entry out of range (", hi, "); entries must lie in [0, ", upper, ") (",
-              what, ")");
+  check_indices({{&idx, name}}, upper, what);
 }
 
 // Sizes of clip's frames gathered by time_index [B, T_out]: [B, C, T_out, H, W].
@@ -97,8 +114,7 @@ inline ChunkLayout check_swap_args(const at::Tensor& first, const at::Tensor& se
               first.size(0), "), got shape ", second.sizes());
   check_same_device(first, "first", second, "second");
   const ChunkLayout c = chunk_layout(num_frames, chunks);
-  check_index(first, c.n, "first", "positions of the time chunks");
-  check_index(second, c.n, "second", "positions of the time chunks");
+  check_indices({{&first, "first"}, {&second, "second"}}, c.n, "positions of the time chunks");
   return c;
 }
 

@@ -273,6 +273,8 @@ def test_swap_time_index_bad_inputs():
         op(torch.tensor([0, 4, 1]), j, 16, 4)
     with pytest.raises(RuntimeError, match="second has a negative entry"):
         op(i, torch.tensor([0, -1, 1]), 16, 4)
+    with pytest.raises(RuntimeError, match="first has a negative entry"):  # both bad: first is named
+        op(torch.tensor([0, -1, 1]), torch.tensor([0, 9, 1]), 16, 4)
     with pytest.raises(RuntimeError, match=r"entries must lie in \[0, 3\)"):
         op(i, j, 5, 4)  # T = 5 is cut into 3 pieces
     with pytest.raises(RuntimeError, match="first must be int64"):

@@ -210,6 +210,8 @@ def test_swap_time_index_cuda_checks_ranges():
     first = torch.tensor([0, 4], device=CUDA)
     with pytest.raises(RuntimeError, match="first has an entry out of range"):
         torch.ops.iic_ext.swap_time_index(first, torch.tensor([1, 0], device=CUDA), 16, 4)
+    with pytest.raises(RuntimeError, match="second has a negative entry"):  # both read back in one copy
+        torch.ops.iic_ext.swap_time_index(first.clamp(max=3), torch.tensor([1, -2], device=CUDA), 16, 4)
     with pytest.raises(RuntimeError, match="same device"):
         torch.ops.iic_ext.swap_time_index(first, torch.tensor([1, 0]), 16, 4)
 
