@@ -68,6 +68,7 @@ class TemporalGather : public torch::autograd::Function<TemporalGather> {
     static auto bwd =
         op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>("iic_ext::_temporal_gather_backward");
     const auto saved = ctx->get_saved_variables();
+    const IndicesAlreadyChecked checked;  // by the forward
     return {bwd.call(grads[0], saved[0], ctx->saved_data["frames"].toSymInt()), at::Tensor()};
   }
 };
@@ -108,6 +109,7 @@ class BankScores : public torch::autograd::Function<BankScores> {
     static auto bwd = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType)>(
         "iic_ext::_bank_scores_backward");
     const auto saved = ctx->get_saved_variables();
+    const IndicesAlreadyChecked checked;  // by the forward
     at::Tensor g;
     if (ctx->needs_input_grad(0)) g = bwd.call(grads[0], saved[0], saved[1], saved_dtype(ctx, "dtype"));
     return {g, at::Tensor(), at::Tensor()};
@@ -137,6 +139,7 @@ class IicScores : public torch::autograd::Function<IicScores> {
     static auto bwd = op_handle<IicBackwardFn>("iic_ext::_iic_scores_backward");
     if (!ctx->needs_input_grad(0) && !ctx->needs_input_grad(1)) return variable_list(7);
     const auto s = ctx->get_saved_variables();
+    const IndicesAlreadyChecked checked;  // by the forward
     auto [gl, gab] = bwd.call(grads[0], grads[1], s[0], s[1], optional_of(s[2]), s[3],
                               ctx->saved_data["inv_t"].toDouble(), saved_dtype(ctx, "dtype"));
     variable_list out(7);

@@ -48,6 +48,29 @@ inline bool& nce_backward_expected() {
 // Whether this thread holds a row grouping kept by a CPU NCE forward for its backward (nce.cpp).
 bool nce_cpu_holds_grouping();
 
+// Whether the index tensors of the op calls made on this thread were range-checked already: set by
+// IndicesAlreadyChecked. Their values are not checked again then (on a GPU each check synchronises).
+inline bool& indices_already_checked() {
+  static thread_local bool checked = false;
+  return checked;
+}
+
+// For its lifetime, op calls on this thread skip the value check of their index tensors. Used around
+// - a backward kernel called by an Autograd kernel: its indices are the ones the forward checked (or was
+//   told not to, inside unchecked_indices), and autograd's check of saved tensors' versions guarantees
+//   they were not changed in place since;
+// - the ops a composite op calls after checking the same indices itself.
+class IndicesAlreadyChecked {
+ public:
+  IndicesAlreadyChecked() : saved_(indices_already_checked()) { indices_already_checked() = true; }
+  ~IndicesAlreadyChecked() { indices_already_checked() = saved_; }
+  IndicesAlreadyChecked(const IndicesAlreadyChecked&) = delete;
+  IndicesAlreadyChecked& operator=(const IndicesAlreadyChecked&) = delete;
+
+ private:
+  bool saved_;
+};
+
 // Values of int64 index tensors (on one device) must lie in [0, upper); the first tensor with a value
 // outside is named. One reduction each; on a GPU the extremes of all of them come back in one copy, so
 // the check synchronises once, the price of never reading out of bounds.
@@ -58,7 +81,7 @@ inline void check_indices(std::initializer_list<std::pair<const at::Tensor*, con
   std::vector<const char*> names;
   for (const auto& [idx, name] : named) {
     TORCH_CHECK(idx->scalar_type() == at::kLong, name, " must be int64, got ", idx->scalar_type());
-    if (idx->numel() == 0 || (!idx->is_cpu() && !gpu)) continue;
+    if (idx->numel() == 0 || (!idx->is_cpu() && !gpu) || indices_already_checked()) continue;
     auto mm = at::aminmax(*idx);
     extremes.push_back(std::get<0>(mm));
     extremes.push_back(std::get<1>(mm));

@@ -23,6 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> iic_softmax_loss_unfu
   static auto scores = op_handle<IicScoresFn>("iic_ext::iic_scores");
   static auto backward = op_handle<IicBackwardFn>("iic_ext::_iic_scores_backward");
   check_iic_loss(l, ab, bank_l, bank_ab, bank_neg, idx);
+  const IndicesAlreadyChecked checked;  // idx, above: the two ops below do not read it back again
   const auto acc = acc_type_of(l.scalar_type(), bank_l.scalar_type());
   auto [out_l, out_ab] = scores.call(l.to(acc), ab.to(acc), bank_l, bank_ab, bank_neg, idx, inv_t);
   // loss and d loss / d logits of one view: softmax - onehot(0)
