@@ -157,10 +157,6 @@ std::tuple<at::Tensor, at::Tensor> iic_scores_autograd(const at::Tensor& l, cons
   return {out[0], out[1]};
 }
 
-using LossFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                          const at::Tensor&, const at::Tensor&,
-                                                                          const OptTensor&, const at::Tensor&, double);
-
 class IicSoftmaxLoss : public torch::autograd::Function<IicSoftmaxLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& l, const at::Tensor& ab,

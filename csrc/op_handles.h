@@ -22,5 +22,10 @@ using IicScoresFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const 
 using IicBackwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                         const at::Tensor&, const OptTensor&, const at::Tensor&, double,
                                                         at::ScalarType);
+// iic_softmax_loss(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t) -> (loss_l, loss_ab, grad_l, grad_ab), and
+// _iic_softmax_loss_unfused with the same arguments
+using LossFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                          const at::Tensor&, const at::Tensor&,
+                                                                          const OptTensor&, const at::Tensor&, double);
 
 }  // namespace iic_ext

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.skipif(not HAS_C, reason="compiled iic_ext._C not built
 
 DTYPES = NCE_DTYPES + [(torch.float32, torch.float64)]
 # (B, K+1, D, N). Above one draw per bank row the draws are grouped by row, else gathered per sample
-# (in blocks of 512 draws, so K+1 > 512 exercises the merge of partial softmax states).
+# (in blocks of 512 draws, so K+1 > 512 exercises the merge of partial softmax states); above eight,
+# with banks in the sums' dtype, the GEMM plan of iic_scores computes the loss ((4, 600, 33, 97)).
 ROWS_SHAPES = [(16, 64, 128, 300), (8, 30, 19, 100), (3, 3, 1, 5), (4, 600, 33, 97)]
 GATHER_SHAPES = [(4, 5, 37, 1000), (2, 1300, 33, 10000), (1, 1, 16, 10), (5, 3, 130, 64)]
 SHAPES = ROWS_SHAPES + GATHER_SHAPES
@@ -69,6 +70,21 @@ def test_large_logits_do_not_overflow(shape):
     assert got[0].abs().max() > 50  # the regime is really the large-logit one
     for a, b in zip(got, want):
         assert_close(a.double(), b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("neg", [True, False])
+def test_plans_agree(neg):
+    """The same banks padded with rows nobody draws move the loss from the GEMM plan (16 draws per row)
+    to the one-pass kernel over rows grouped by row (4) and to the one gathering rows per sample."""
+    l, ab, bl, bab, bneg, idx = _inputs(8, 200, 24, 100, neg=neg, scale=2.0)
+    w = torch.rand(2, 8, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for extra in (0, 300, 5000):
+        pad = lambda t: None if t is None else torch.cat((t, torch.randn(extra, t.shape[1])))  # noqa: E731
+        runs.append(_loss_and_grads(iic_softmax_loss, l, ab, (pad(bl), pad(bab), pad(bneg)), idx, 1 / 0.07, w))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
 def test_matches_dense_and_module_losses():
