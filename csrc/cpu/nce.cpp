@@ -21,8 +21,9 @@
 // a fixed order (fixed work units, partial sums reduced in order), so results do not depend on the
 // thread count. With many draws per row (float32 or float64 banks in the sums' dtype) a GEMM against
 // the whole bank, then a gather (backward: a scatter, then a GEMM), is cheaper still, for the logits
-// ops and for the softmax loss (computed from them); its sums are BLAS's. The inner loops (nce_kernels.h) are compiled for AVX-512, AVX2 and baseline x86-64,
-// each in a source file of its own (nce_avx512.cpp, nce_avx2.cpp, nce_base.cpp), and picked at run time.
+// ops and for the softmax loss (computed from them); its sums are BLAS's. The inner loops
+// (nce_kernels.h) are compiled for AVX-512, AVX2 and baseline x86-64, each in a source file of its own
+// (nce_avx512.cpp, nce_avx2.cpp, nce_base.cpp), and picked at run time.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
