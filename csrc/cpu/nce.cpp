@@ -177,7 +177,7 @@ constexpr int64_t kScoreAhead = 16;  // scores prefetched ahead when moving them
 // against the whole bank (B dots per row, at BLAS speed) beats both: from 4 draws per row for one bank,
 // from 8 for the IIC scores and loss, whose grouped kernels read the three banks' rows once for all four
 // dots (measured at 7 draws per row they match the GEMMs, at 5 they are 1.5x faster; the loss: equal
-// at 8, the GEMM plan 1.8x faster at 16 and 33). IIC_EXT_NCE_GROUP_RATIO
+// at 8, the GEMM plan 1.5-2.4x faster at 16 and 33). IIC_EXT_NCE_GROUP_RATIO
 // and IIC_EXT_NCE_DENSE_RATIO (draws per bank row; the IIC switch is twice the latter) tune the switches.
 double env_ratio(const char* name, double fallback) {
   const char* s = std::getenv(name);
