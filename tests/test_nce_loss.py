@@ -196,7 +196,7 @@ def test_bad_inputs_raise(case):
 
 
 def _opcheck_cases():
-    for shape in (ROWS_SHAPES[1], GATHER_SHAPES[0], GATHER_SHAPES[2]):
+    for shape in (ROWS_SHAPES[1], ROWS_SHAPES[3], GATHER_SHAPES[0], GATHER_SHAPES[2]):  # [3]: the GEMM plan
         for neg in (True, False):
             l, ab, bl, bab, bneg, idx = _inputs(*shape, neg=neg)
             yield (l.requires_grad_(), ab.requires_grad_(), bl, bab, bneg, idx, 2.0)
