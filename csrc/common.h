@@ -198,10 +198,9 @@ inline void check_gather_out(const at::Tensor& clip, const at::Tensor& time_inde
   check_same_device(clip, "clip", out, "out");
   TORCH_CHECK(out.scalar_type() == clip.scalar_type(), "out must have clip's dtype ", clip.scalar_type(), ", got ",
               out.scalar_type());
-  TORCH_CHECK(out.dim() == 5 && out.size(0) == clip.size(0) && out.size(1) == clip.size(1) &&
-                  out.size(2) == time_index.size(1) && out.size(3) == clip.size(3) && out.size(4) == clip.size(4),
-              "out must be [B, C, T_out, H, W] = [", clip.size(0), ", ", clip.size(1), ", ", time_index.size(1), ", ",
-              clip.size(3), ", ", clip.size(4), "], got ", out.sizes());
+  const auto want = gathered_sizes(clip, time_index);
+  TORCH_CHECK(out.sizes() == c10::IntArrayRef(want), "out must be [B, C, T_out, H, W] = ", c10::IntArrayRef(want),
+              ", got ", out.sizes());
   TORCH_CHECK(!out.is_same(clip), "out must not be clip: temporal_gather cannot run in place");
   at::assert_no_internal_overlap(out);
   at::assert_no_overlap(out, clip);

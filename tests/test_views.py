@@ -134,6 +134,8 @@ def test_temporal_gather_out_buffer_and_unbatched():
     assert ops.temporal_gather(x, idx, out=buf) is buf
     torch.testing.assert_close(buf, reference.temporal_gather(x, idx))
     torch.testing.assert_close(ops.temporal_gather(x[1], idx[1]), reference.temporal_gather(x, idx)[1])
+    with pytest.raises(RuntimeError, match=r"out must be \[B, C, T_out, H, W\] = \[2, 3, 3, 4, 4\], got \[2, 3, 4, 4, 4\]"):
+        ops.temporal_gather(x, idx, out=torch.empty(2, 3, 4, 4, 4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
