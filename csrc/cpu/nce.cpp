@@ -23,7 +23,8 @@
 // the whole bank, then a gather (backward: a scatter, then a GEMM), is cheaper still, for the logits
 // ops and for the softmax loss (computed from them); its sums are BLAS's. The inner loops
 // (nce_kernels.h) are compiled for AVX-512, AVX2 and baseline x86-64, each in a source file of its own
-// (nce_avx512.cpp, nce_avx2.cpp, nce_base.cpp), and picked at run time.
+// (nce_avx512.cpp, nce_avx2.cpp, nce_base.cpp) with vectors of that instruction set's width (64, 32
+// and 16 bytes; a vector sum's order follows the width), and picked at run time.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

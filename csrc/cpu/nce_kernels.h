@@ -1,7 +1,11 @@
-// The CPU NCE kernels' work units: SIMD building blocks, the problem descriptions and the inner loops,
-// written once as always-inline templates. Each instruction set's units are compiled in a source file
-// of their own (nce_avx512.cpp, nce_avx2.cpp, nce_base.cpp), so the three compile in parallel; nce.cpp
-// holds the ops, the plans and the dispatch. See nce.cpp for what the ops compute.
+// The CPU NCE kernels' work units: the problem descriptions and the units' declarations (for nce.cpp,
+// which holds the ops, the plans and the dispatch; see there for what the ops compute), then, for the
+// source file of one instruction set (nce_avx512.cpp, nce_avx2.cpp, nce_base.cpp, compiled in parallel),
+// the SIMD building blocks and the inner loops, written once as always-inline templates. That file
+// defines IIC_NCE_VEC_BYTES, the width of its vectors: 64 bytes for AVX-512, 32 for AVX2 (16 ymm
+// registers: wider vectors would be split in two and the loops' sums spilled to the stack), 16 for the
+// baseline. The building blocks live in a namespace of that width (vec64, vec32, vec16), so the three
+// files' inline helpers never share a name.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -17,7 +21,7 @@
 
 #include "simd.h"
 
-// The 64-byte vector helpers are always inlined into the units of one instruction set: no vector is
+// The vector helpers are always inlined into the units of one instruction set: no vector is
 // passed across a call whose ABI the instruction set would change.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -29,19 +33,167 @@ namespace nce_cpu {
 // for lambdas, which would otherwise be compiled out of line without the caller's instruction set
 #define IIC_INLINE_FN __attribute__((always_inline))
 
-// ---- SIMD building blocks (GCC/Clang vector extensions: 64-byte vectors) ------------------------
+// ---- the problem: which bank rows are dotted with which features, and where the results go --------
+
+// A job pairs one bank with the one or two feature matrices its rows are dotted with (the negative
+// bank of IIC serves both views). Forward: mat[i][b, off[i] + k] = scale * <bank[idx[b, k]], feat[i][b]>.
+// Backward: grad[slot[i]][b] += scale * mat[i][b, off[i] + k] * bank[idx[b, k]].
+template <typename bank_t, typename acc_t>
+struct Job {
+  const bank_t* bank;
+  int64_t ld;
+  int nf;
+  const acc_t* feat[2];  // [B, D] contiguous (forward)
+  acc_t* mat[2];         // [B, C] contiguous: scores written (forward) or gradients read (backward)
+  int64_t off[2];
+  int slot[2];  // which feature gradient (backward)
+};
+
+template <typename bank_t, typename acc_t>
+struct Problem {
+  int64_t B, Kc, C, D;  // rows and columns of idx, columns of mat, feature size
+  const int64_t* idx;   // [B, Kc] contiguous
+  acc_t scale;
+  int njobs;
+  int nslots;  // feature gradients (backward)
+  Job<bank_t, acc_t> jobs[3];
+  // the IIC layout (set_iic_jobs): jobs bank_ab with l, bank_l with ab and, when neg, bank_neg with both
+  bool iic = false, neg = false;
+};
+
+// (b, k) pairs grouped by bank row (a counting sort, stable): the pairs of row r are
+// pair[start[r] .. start[r + 1]), encoded (b << shift) | k, in increasing (b, k) order. When asked for,
+// where[b * Kc + k] is the position of pair (b, k) in pair (the inverse permutation).
+struct RowGroups {
+  std::vector<int32_t> start, pair, where;
+  int shift;
+  int64_t C;
+  IIC_INLINE int64_t b_of(int32_t e) const { return e >> shift; }
+  IIC_INLINE int64_t at_of(int32_t e) const { return (e >> shift) * C + (e & ((1 << shift) - 1)); }
+};
+
+// ---- constants shared by the units and the driver --------------------------------------------------
+
+constexpr int64_t kPrefetchAhead = 8;  // rows
+constexpr int64_t kGradAhead = 32;     // draws whose score gradients are prefetched ahead (grouped backward)
+constexpr int kDrawBlock = 16;  // draws whose exponentials are computed together
+
+// ---- the fused softmax loss: logits, cross-entropy and its gradient in one pass ------------------------
+//
+// For each sample b and view v the logits s_j = inv_t <row_j, f_b> over the view's sampled rows (column
+// 0 the positive) give loss = logsumexp(s) - s_0 and d loss / d f_b = inv_t (sum_j p_j row_j - row_0),
+// p = softmax(s). Both come from an online softmax: a state (m, z, acc) with m a running shift,
+// z = sum exp(s_j - m) and acc = sum exp(s_j - m) row_j, so every sampled row is read once and the
+// logits are never stored. The shift starts at s_0 (the positive, in every row set) and grows only when
+// a larger logit arrives. States of separate work units merge exactly: (m, z, acc) rescaled to the
+// larger m and added, in unit order.
+
+template <typename acc_t>
+struct SoftmaxState {
+  acc_t* m;    // [2, B]
+  acc_t* z;    // [2, B]
+  acc_t* acc;  // [2, B, D]
+};
+
+template <typename bank_t, typename acc_t>
+struct LossProblem {
+  int64_t B, K1, D;
+  const int64_t* idx;  // [B, K1]
+  acc_t scale;
+  const bank_t* bank[3];  // bank_l, bank_ab, bank_neg (used only when neg)
+  int64_t ld[3];
+  bool neg;
+  const acc_t* feat[2];  // l, ab: [B, D]
+  const acc_t* s0;       // [2, B] logits of the positives
+};
+
+// The work units of one instruction set, in namespace NS. BODY is IIC_NCE_DECLARE (declarations, for
+// the driver) or IIC_NCE_DEFINE (definitions, in the instruction set's own source file).
+#define IIC_NCE_DECLARE(...) ;
+#define IIC_NCE_DEFINE(...) { __VA_ARGS__; }
+#define IIC_NCE_UNITS(NS, ATTR, BODY)                                                                           \
+  namespace NS {                                                                                                \
+  template <typename bank_t, typename acc_t>                                                                    \
+  ATTR void fwd_gather(const Problem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1, acc_t* buf)          \
+  BODY(fwd_gather_impl(p, b, k0, k1, buf))                                                                      \
+  template <typename bank_t, typename acc_t>                                                                    \
+  ATTR void fwd_rows(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t u0, int64_t u1,               \
+                     acc_t* buf, acc_t* sc, int W)                                                              \
+  BODY(if (p.iic) iic_fwd_rows_impl(p, g, u0, u1, buf, sc);                                                     \
+       else fwd_rows_impl(p, g, u0, u1, buf, sc, W))                                                            \
+  template <typename bank_t, typename acc_t>                                                                    \
+  ATTR void bwd_gather(const Problem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1,                      \
+                       acc_t* const* acc, acc_t* buf)                                                           \
+  BODY(bwd_gather_impl(p, b, k0, k1, acc, buf))                                                                 \
+  template <typename bank_t, typename acc_t>                                                                    \
+  ATTR void bwd_rows(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t u0, int64_t u1,               \
+                     acc_t* part, acc_t* buf)                                                                   \
+  BODY(if (p.iic) iic_bwd_rows_impl(p, g, u0, u1, part, buf);                                                   \
+       else bwd_rows_impl(p, g, u0, u1, part, buf))                                                             \
+  template <typename bank_t, typename acc_t>                                                                    \
+  ATTR void loss_gather(const LossProblem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1,                 \
+                        acc_t* m, acc_t* z, acc_t* acc, acc_t* buf)                                             \
+  BODY(loss_gather_impl(p, b, k0, k1, m, z, acc, buf))                                                          \
+  template <typename bank_t, typename acc_t>                                                                    \
+  ATTR void loss_rows(const LossProblem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,          \
+                      acc_t* m, acc_t* z, acc_t* acc, acc_t* buf)                                               \
+  BODY(loss_rows_impl(p, g, r0, r1, m, z, acc, buf))                                                            \
+  }
+
+// Explicit instantiation of every unit for every (bank, accumulation) type pair the ops dispatch to
+// (Units takes each unit's address).
+#define IIC_NCE_INSTANTIATE(NS)                                                                                 \
+  namespace NS {                                                                                                \
+  template <typename bank_t, typename acc_t>                                                                    \
+  struct Units {                                                                                                \
+    static constexpr auto fwd_gather_fn = &fwd_gather<bank_t, acc_t>;                                           \
+    static constexpr auto fwd_rows_fn = &fwd_rows<bank_t, acc_t>;                                               \
+    static constexpr auto bwd_gather_fn = &bwd_gather<bank_t, acc_t>;                                           \
+    static constexpr auto bwd_rows_fn = &bwd_rows<bank_t, acc_t>;                                               \
+    static constexpr auto loss_gather_fn = &loss_gather<bank_t, acc_t>;                                         \
+    static constexpr auto loss_rows_fn = &loss_rows<bank_t, acc_t>;                                             \
+  };                                                                                                            \
+  }                                                                                                             \
+  template struct NS::Units<float, float>;                                                                      \
+  template struct NS::Units<c10::Half, float>;                                                                  \
+  template struct NS::Units<c10::BFloat16, float>;                                                              \
+  template struct NS::Units<float, double>;                                                                     \
+  template struct NS::Units<double, double>;                                                                    \
+  template struct NS::Units<c10::Half, double>;                                                                 \
+  template struct NS::Units<c10::BFloat16, double>;
+
+#if defined(__x86_64__) || defined(__i386__)
+IIC_NCE_UNITS(isa_avx512, IIC_EXT_AVX512, IIC_NCE_DECLARE)
+IIC_NCE_UNITS(isa_avx2, IIC_EXT_AVX2, IIC_NCE_DECLARE)
+#endif
+IIC_NCE_UNITS(isa_base, , IIC_NCE_DECLARE)
+
+}  // namespace nce_cpu
+}  // namespace iic_ext
+
+#ifdef IIC_NCE_VEC_BYTES
+#define IIC_NCE_CAT2(a, b) a##b
+#define IIC_NCE_CAT(a, b) IIC_NCE_CAT2(a, b)
+#define IIC_NCE_VEC_NS IIC_NCE_CAT(vec, IIC_NCE_VEC_BYTES)
+namespace iic_ext {
+namespace nce_cpu {
+namespace IIC_NCE_VEC_NS {
+
+// ---- SIMD building blocks (GCC/Clang vector extensions, IIC_NCE_VEC_BYTES wide) ------------------
+
+constexpr int kVecBytes = IIC_NCE_VEC_BYTES;
+static_assert(kVecBytes == 16 || kVecBytes == 32 || kVecBytes == 64, "IIC_NCE_VEC_BYTES: 16, 32 or 64");
+
+// N lanes of T
+template <typename T, int N>
+struct VecN {
+  typedef T type __attribute__((vector_size(N * sizeof(T))));
+};
 
 template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-  static constexpr int W = 16;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-  static constexpr int W = 8;
+struct Vec {
+  static constexpr int W = kVecBytes / static_cast<int>(sizeof(T));
+  typedef typename VecN<T, W>::type type;
 };
 
 template <typename T>
@@ -56,29 +208,33 @@ IIC_INLINE void vstore(T* p, typename Vec<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// Horizontal sum as a tree (halves added pairwise): a short dependency chain, fixed order.
-template <typename T>
-IIC_INLINE T hsum(typename Vec<T>::type v) {
-  typedef T half_t __attribute__((vector_size(32)));
-  typedef T quarter_t __attribute__((vector_size(16)));
-  half_t lo, hi;
-  std::memcpy(&lo, &v, 32);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-  lo += hi;
-  quarter_t a, b;
-  std::memcpy(&a, &lo, 16);
-  std::memcpy(&b, reinterpret_cast<const char*>(&lo) + 16, 16);
-  a += b;
-  constexpr int n = 16 / sizeof(T);
-  T s[n];
-  std::memcpy(s, &a, 16);
-  if constexpr (n == 4) {
-    return (s[0] + s[2]) + (s[1] + s[3]);
+// The two halves of v, added: N / 2 lanes, lane i = v[i] + v[i + N / 2].
+template <typename T, int N>
+IIC_INLINE typename VecN<T, N / 2>::type add_halves(typename VecN<T, N>::type v) {
+  typename VecN<T, N / 2>::type lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  return lo + hi;
+}
+
+// v's halves added until M lanes are left (M a power of two, at most N).
+template <typename T, int N, int M>
+IIC_INLINE typename VecN<T, M>::type fold_to(typename VecN<T, N>::type v) {
+  if constexpr (N == M) {
+    return v;
   } else {
-    return s[0] + s[1];
+    return fold_to<T, N / 2, M>(add_halves<T, N>(v));
   }
 }
 
+// Horizontal sum as a tree (halves added pairwise until one lane is left): a short dependency chain,
+// a fixed order that depends only on the vector width. Every horizontal sum below follows it.
+template <typename T>
+IIC_INLINE T hsum(typename Vec<T>::type v) {
+  return fold_to<T, Vec<T>::W, 1>(v)[0];
+}
+
+#if IIC_NCE_VEC_BYTES == 64
 // Four horizontal sums at once, each in hsum's order (bit-identical to four hsum calls): the halves of
 // every vector are added as hsum adds them, with two vectors' quarters and all four vectors' last
 // steps packed into one vector operation each.
@@ -102,16 +258,34 @@ IIC_INLINE void hsum4_float(Vec<float>::type v0, Vec<float>::type v1, Vec<float>
   std::memcpy(out, &r, 16);
 }
 
+#endif
+
+// Four horizontal sums, each in hsum's order (bit-identical to four hsum calls).
 template <typename T>
 IIC_INLINE void hsum4(typename Vec<T>::type v0, typename Vec<T>::type v1, typename Vec<T>::type v2,
                       typename Vec<T>::type v3, T out[4]) {
+  constexpr int W = Vec<T>::W;
+#if IIC_NCE_VEC_BYTES == 64
   if constexpr (std::is_same_v<T, float>) {
     hsum4_float(v0, v1, v2, v3, out);
-  } else {
+    return;
+  }
+#endif
+  if constexpr (kVecBytes < 64 && W >= 4) {
+    // each vector folded to 4 lanes, then two vectors' last two steps per vector operation
+    using V4 = typename VecN<T, 4>::type;
+    const V4 h0 = fold_to<T, W, 4>(v0), h1 = fold_to<T, W, 4>(v1), h2 = fold_to<T, W, 4>(v2),
+             h3 = fold_to<T, W, 4>(v3);
+    const V4 a = __builtin_shufflevector(h0, h1, 0, 1, 4, 5) + __builtin_shufflevector(h0, h1, 2, 3, 6, 7);
+    const V4 c = __builtin_shufflevector(h2, h3, 0, 1, 4, 5) + __builtin_shufflevector(h2, h3, 2, 3, 6, 7);
+    const V4 r = __builtin_shufflevector(a, c, 0, 2, 4, 6) + __builtin_shufflevector(a, c, 1, 3, 5, 7);
+    std::memcpy(out, &r, sizeof(r));
+  } else if constexpr (!(kVecBytes == 64 && std::is_same_v<T, float>)) {
     out[0] = hsum<T>(v0), out[1] = hsum<T>(v1), out[2] = hsum<T>(v2), out[3] = hsum<T>(v3);
   }
 }
 
+#if IIC_NCE_VEC_BYTES == 64
 // Sixteen horizontal sums at once: lane i of the result is the sum of the lanes of v[i]. Each step adds
 // the two halves of every vector and packs two vectors' halves into one (512 -> 256 -> 128 -> 64 -> 32
 // bits per sum), so a sum's order depends only on its own vector.
@@ -132,6 +306,7 @@ IIC_INLINE Vec<float>::type hsum16(const Vec<float>::type v[16]) {
   return __builtin_shufflevector(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+#endif
 
 // One dot product, two accumulators to halve the dependency chain.
 template <typename T>
@@ -266,49 +441,8 @@ IIC_INLINE void prefetch_row(const bank_t* bank, int64_t ld, int64_t r, int64_t 
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 2);
 }
 
-// ---- the problem: which bank rows are dotted with which features, and where the results go --------
-
-// A job pairs one bank with the one or two feature matrices its rows are dotted with (the negative
-// bank of IIC serves both views). Forward: mat[i][b, off[i] + k] = scale * <bank[idx[b, k]], feat[i][b]>.
-// Backward: grad[slot[i]][b] += scale * mat[i][b, off[i] + k] * bank[idx[b, k]].
-template <typename bank_t, typename acc_t>
-struct Job {
-  const bank_t* bank;
-  int64_t ld;
-  int nf;
-  const acc_t* feat[2];  // [B, D] contiguous (forward)
-  acc_t* mat[2];         // [B, C] contiguous: scores written (forward) or gradients read (backward)
-  int64_t off[2];
-  int slot[2];  // which feature gradient (backward)
-};
-
-template <typename bank_t, typename acc_t>
-struct Problem {
-  int64_t B, Kc, C, D;  // rows and columns of idx, columns of mat, feature size
-  const int64_t* idx;   // [B, Kc] contiguous
-  acc_t scale;
-  int njobs;
-  int nslots;  // feature gradients (backward)
-  Job<bank_t, acc_t> jobs[3];
-  // the IIC layout (set_iic_jobs): jobs bank_ab with l, bank_l with ab and, when neg, bank_neg with both
-  bool iic = false, neg = false;
-};
-
-// (b, k) pairs grouped by bank row (a counting sort, stable): the pairs of row r are
-// pair[start[r] .. start[r + 1]), encoded (b << shift) | k, in increasing (b, k) order. When asked for,
-// where[b * Kc + k] is the position of pair (b, k) in pair (the inverse permutation).
-struct RowGroups {
-  std::vector<int32_t> start, pair, where;
-  int shift;
-  int64_t C;
-  IIC_INLINE int64_t b_of(int32_t e) const { return e >> shift; }
-  IIC_INLINE int64_t at_of(int32_t e) const { return (e >> shift) * C + (e & ((1 << shift) - 1)); }
-};
-
 // ---- work units (compiled once per instruction set) ------------------------------------------------
 
-constexpr int64_t kPrefetchAhead = 8;  // rows
-constexpr int64_t kGradAhead = 32;     // draws whose score gradients are prefetched ahead (grouped backward)
 
 // The pairs (b, k0 .. k1) of every job, gathering each row (prefetched ahead): four(job, k, r) for
 // rows r[0..3] of pairs k .. k+3, then one(job, k, r) for each pair left.
@@ -433,42 +567,18 @@ IIC_INLINE void bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& 
   }
 }
 
-// ---- the fused softmax loss: logits, cross-entropy and its gradient in one pass ------------------------
-//
-// For each sample b and view v the logits s_j = inv_t <row_j, f_b> over the view's sampled rows (column
-// 0 the positive) give loss = logsumexp(s) - s_0 and d loss / d f_b = inv_t (sum_j p_j row_j - row_0),
-// p = softmax(s). Both come from an online softmax: a state (m, z, acc) with m a running shift,
-// z = sum exp(s_j - m) and acc = sum exp(s_j - m) row_j, so every sampled row is read once and the
-// logits are never stored. The shift starts at s_0 (the positive, in every row set) and grows only when
-// a larger logit arrives. States of separate work units merge exactly: (m, z, acc) rescaled to the
-// larger m and added, in unit order.
-
-template <typename acc_t>
-struct SoftmaxState {
-  acc_t* m;    // [2, B]
-  acc_t* z;    // [2, B]
-  acc_t* acc;  // [2, B, D]
-};
-
-template <typename bank_t, typename acc_t>
-struct LossProblem {
-  int64_t B, K1, D;
-  const int64_t* idx;  // [B, K1]
-  acc_t scale;
-  const bank_t* bank[3];  // bank_l, bank_ab, bank_neg (used only when neg)
-  int64_t ld[3];
-  bool neg;
-  const acc_t* feat[2];  // l, ab: [B, D]
-  const acc_t* s0;       // [2, B] logits of the positives
-};
+// ---- the fused softmax loss (units) -----------------------------------------------------------------
 
 // A run: n draws (n <= kRun) of one bank row, by samples whose features are fl[j], fab[j]. The row's
-// vectors are loaded once per run and shared by its draws.
-constexpr int kRun = 4;
+// vectors are loaded once per run and shared by its draws. A run of n draws keeps 4 n vector sums
+// (dot_run) beside the three rows' vectors: 4 draws fill 19 of AVX-512's 32 registers; with 16
+// registers (AVX2, the baseline) 2 draws (11) fit and 4 would spill.
+constexpr int kRun = kVecBytes == 64 ? 4 : 2;
 
 // The logits of a run, out[4 j ..] = {r_ab . fl[j], r_neg . fl[j], r_l . fab[j], r_neg . fab[j]} (without
 // the negative bank, NEG false, slots 1 and 3 are 0). Each dot: vector partial sums in d order, then one
-// horizontal sum (float runs of 3 or 4: all at once with hsum16, so out has room for 4 kRun values).
+// horizontal sum (float runs of 3 or 4 in 64-byte vectors: all at once with hsum16, so out has room for
+// 4 kRun values).
 template <typename T, int n, bool NEG>
 IIC_INLINE void dot_run(const T* r_l, const T* r_ab, const T* r_neg, const T* const* fl, const T* const* fab,
                         int64_t D, T* out) {
@@ -491,12 +601,15 @@ IIC_INLINE void dot_run(const T* r_l, const T* r_ab, const T* r_neg, const T* co
       }
     }
   }
+#if IIC_NCE_VEC_BYTES == 64
   if constexpr (std::is_same_v<T, float> && n > 2) {  // the same sums as hsum4, in fewer operations
     V a[16];
     for (int j = 0; j < kRun; ++j)
       for (int q = 0; q < 4; ++q) a[4 * j + q] = j < n ? s[j][q] : V{};
     vstore(out, hsum16(a));
-  } else {
+  } else
+#endif
+  {
     for (int j = 0; j < n; ++j) hsum4<T>(s[j][0], s[j][1], s[j][2], s[j][3], out + 4 * j);
   }
   for (int j = 0; j < n; ++j) {
@@ -583,11 +696,11 @@ IIC_INLINE void scale_row(T* __restrict x, T c, int64_t D) {
 }
 
 // out[i] = exp(x[i]), i < n rounded up to whole vectors (x and out hold that many values). float: a
-// Cephes-style polynomial on 2^k, 16 values per vector (within 2 ulp; below the smallest normal float
+// Cephes-style polynomial on 2^k, a vector of values at a time (within 2 ulp; below the smallest normal float
 // the result is 0; NaN stays NaN); double: std::exp.
 IIC_INLINE void exp_n(const float* x, float* out, int n) {
   using V = Vec<float>::type;
-  typedef int32_t VI __attribute__((vector_size(64)));
+  typedef int32_t VI __attribute__((vector_size(kVecBytes)));
   constexpr int W = Vec<float>::W;
   for (int i = 0; i < n; i += W) {
     const V v = vload(x + i);
@@ -629,7 +742,6 @@ IIC_INLINE void raise_shift(acc_t& m, acc_t& z, acc_t* acc, acc_t mx, int64_t D)
   m = mx;
 }
 
-constexpr int kDrawBlock = 16;  // draws whose exponentials are computed together
 
 // Draws (b[i], r[i]), i < n, added to the states m, z [2, B] and acc [2, B, D] (view l first): bank_ab
 // and bank_neg rows scored against l, bank_l and bank_neg rows against ab. The logits of the block come
@@ -848,68 +960,9 @@ IIC_INLINE void iic_bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGrou
   for_each_iic_run(p, g, r0, r1, buf, run);
 }
 
-// The work units of one instruction set, in namespace NS. BODY is IIC_NCE_DECLARE (declarations, for
-// the driver) or IIC_NCE_DEFINE (definitions, in the instruction set's own source file).
-#define IIC_NCE_DECLARE(...) ;
-#define IIC_NCE_DEFINE(...) { __VA_ARGS__; }
-#define IIC_NCE_UNITS(NS, ATTR, BODY)                                                                           \
-  namespace NS {                                                                                                \
-  template <typename bank_t, typename acc_t>                                                                    \
-  ATTR void fwd_gather(const Problem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1, acc_t* buf)          \
-  BODY(fwd_gather_impl(p, b, k0, k1, buf))                                                                      \
-  template <typename bank_t, typename acc_t>                                                                    \
-  ATTR void fwd_rows(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t u0, int64_t u1,               \
-                     acc_t* buf, acc_t* sc, int W)                                                              \
-  BODY(if (p.iic) iic_fwd_rows_impl(p, g, u0, u1, buf, sc);                                                     \
-       else fwd_rows_impl(p, g, u0, u1, buf, sc, W))                                                            \
-  template <typename bank_t, typename acc_t>                                                                    \
-  ATTR void bwd_gather(const Problem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1,                      \
-                       acc_t* const* acc, acc_t* buf)                                                           \
-  BODY(bwd_gather_impl(p, b, k0, k1, acc, buf))                                                                 \
-  template <typename bank_t, typename acc_t>                                                                    \
-  ATTR void bwd_rows(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t u0, int64_t u1,               \
-                     acc_t* part, acc_t* buf)                                                                   \
-  BODY(if (p.iic) iic_bwd_rows_impl(p, g, u0, u1, part, buf);                                                   \
-       else bwd_rows_impl(p, g, u0, u1, part, buf))                                                             \
-  template <typename bank_t, typename acc_t>                                                                    \
-  ATTR void loss_gather(const LossProblem<bank_t, acc_t>& p, int64_t b, int64_t k0, int64_t k1,                 \
-                        acc_t* m, acc_t* z, acc_t* acc, acc_t* buf)                                             \
-  BODY(loss_gather_impl(p, b, k0, k1, m, z, acc, buf))                                                          \
-  template <typename bank_t, typename acc_t>                                                                    \
-  ATTR void loss_rows(const LossProblem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,          \
-                      acc_t* m, acc_t* z, acc_t* acc, acc_t* buf)                                               \
-  BODY(loss_rows_impl(p, g, r0, r1, m, z, acc, buf))                                                            \
-  }
-
-// Explicit instantiation of every unit for every (bank, accumulation) type pair the ops dispatch to
-// (Units takes each unit's address).
-#define IIC_NCE_INSTANTIATE(NS)                                                                                 \
-  namespace NS {                                                                                                \
-  template <typename bank_t, typename acc_t>                                                                    \
-  struct Units {                                                                                                \
-    static constexpr auto fwd_gather_fn = &fwd_gather<bank_t, acc_t>;                                           \
-    static constexpr auto fwd_rows_fn = &fwd_rows<bank_t, acc_t>;                                               \
-    static constexpr auto bwd_gather_fn = &bwd_gather<bank_t, acc_t>;                                           \
-    static constexpr auto bwd_rows_fn = &bwd_rows<bank_t, acc_t>;                                               \
-    static constexpr auto loss_gather_fn = &loss_gather<bank_t, acc_t>;                                         \
-    static constexpr auto loss_rows_fn = &loss_rows<bank_t, acc_t>;                                             \
-  };                                                                                                            \
-  }                                                                                                             \
-  template struct NS::Units<float, float>;                                                                      \
-  template struct NS::Units<c10::Half, float>;                                                                  \
-  template struct NS::Units<c10::BFloat16, float>;                                                              \
-  template struct NS::Units<float, double>;                                                                     \
-  template struct NS::Units<double, double>;                                                                    \
-  template struct NS::Units<c10::Half, double>;                                                                 \
-  template struct NS::Units<c10::BFloat16, double>;
-
-#if defined(__x86_64__) || defined(__i386__)
-IIC_NCE_UNITS(isa_avx512, IIC_EXT_AVX512, IIC_NCE_DECLARE)
-IIC_NCE_UNITS(isa_avx2, IIC_EXT_AVX2, IIC_NCE_DECLARE)
-#endif
-IIC_NCE_UNITS(isa_base, , IIC_NCE_DECLARE)
-
+}  // namespace IIC_NCE_VEC_NS
 }  // namespace nce_cpu
 }  // namespace iic_ext
+#endif  // IIC_NCE_VEC_BYTES
 
 #pragma GCC diagnostic pop
