@@ -571,9 +571,10 @@ IIC_INLINE void bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& 
 
 // A run: n draws (n <= kRun) of one bank row, by samples whose features are fl[j], fab[j]. The row's
 // vectors are loaded once per run and shared by its draws. A run of n draws keeps 4 n vector sums
-// (dot_run) beside the three rows' vectors: 4 draws fill 19 of AVX-512's 32 registers; with 16
-// registers (AVX2, the baseline) 2 draws (11) fit and 4 would spill.
-constexpr int kRun = kVecBytes == 64 ? 4 : 2;
+// (dot_run) beside the three rows' vectors: 4 draws take 19 of AVX-512's 32 registers; of AVX2's 16, 3
+// draws take 15 (one thread at (16, 4096, 128, 9537): forward 1.83-1.96 ms against 1.97-2.24 with 2
+// draws, alternating runs) and 4 would spill. The baseline's 16-byte vectors take runs of 2.
+constexpr int kRun = kVecBytes == 64 ? 4 : kVecBytes == 32 ? 3 : 2;
 
 // The logits of a run, out[4 j ..] = {r_ab . fl[j], r_neg . fl[j], r_l . fab[j], r_neg . fab[j]} (without
 // the negative bank, NEG false, slots 1 and 3 are 0). Each dot: vector partial sums in d order, then one
