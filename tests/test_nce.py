@@ -146,9 +146,13 @@ def test_bank_scores_gradcheck(shape):
     assert torch.autograd.gradcheck(lambda f: bank_scores(f, bank, idx), (feat,), fast_mode=True)
 
 
+# the GEMM plan with several chunks of bank rows (nce.cpp: dense_chunks)
+DENSE_CHUNKED_SHAPE = (4, 8000, 24, 3500)
+
+
 def test_bank_scores_deterministic():
-    # across thread counts for the own kernels; the GEMM plan (BLAS) run to run
-    for shape, counts in ((ROWS_SHAPES[0], (1, 2, 1)), (GATHER_SHAPES[1], (1, 2, 1)), (DENSE_SHAPES[2], (2, 2))):
+    # across thread counts, every plan: the GEMM plan's BLAS calls work on fixed chunks of bank rows
+    for shape in (ROWS_SHAPES[0], GATHER_SHAPES[1], DENSE_SHAPES[2], DENSE_CHUNKED_SHAPE):
         feat, bank, idx = _inputs(*shape, torch.float32, torch.float32)
         grad = torch.randn(idx.shape)
 
@@ -158,7 +162,7 @@ def test_bank_scores_deterministic():
             out.backward(grad)
             return out, f.grad
 
-        runs = at_thread_counts(run, counts)
+        runs = at_thread_counts(run, (1, 2, 3, 1))
         for out, g in runs[1:]:
             assert torch.equal(out, runs[0][0]) and torch.equal(g, runs[0][1])
 
@@ -287,15 +291,18 @@ def test_iic_scores_empty_and_strided():
 
 
 def test_iic_scores_deterministic():
-    for shape in (DENSE_SHAPES[2], ROWS_SHAPES[0], GATHER_SHAPES[1]):
+    for shape in (DENSE_SHAPES[2], DENSE_CHUNKED_SHAPE, ROWS_SHAPES[0], GATHER_SHAPES[1]):
         l, ab, bl, bab, bneg, idx = _iic_inputs(*shape, torch.float32, torch.float32)
-        runs = []
-        for _ in range(2):
+
+        def run():
             x, y = l.clone().requires_grad_(), ab.clone().requires_grad_()
             o = iic_scores(x, y, bl, bab, bneg, idx, 5.0)
             (o[0].sin().sum() + o[1].cos().sum()).backward()
-            runs.append((o[0], o[1], x.grad, y.grad))
-        assert all(torch.equal(a, b) for a, b in zip(*runs))
+            return o[0], o[1], x.grad, y.grad
+
+        runs = at_thread_counts(run, (1, 2, 3, 1))
+        for other in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
 def holds_grouping():

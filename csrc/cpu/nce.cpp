@@ -21,7 +21,8 @@
 // a fixed order (fixed work units, partial sums reduced in order), so results do not depend on the
 // thread count. With many draws per row (float32 or float64 banks in the sums' dtype) a GEMM against
 // the whole bank, then a gather (backward: a scatter, then a GEMM), is cheaper still, for the logits
-// ops and for the softmax loss (computed from them); its sums are BLAS's. The inner loops
+// ops and for the softmax loss (computed from them); its products are BLAS's, over fixed chunks of
+// bank rows, so they do not depend on the thread count either. The inner loops
 // (nce_kernels.h) are compiled for AVX-512, AVX2 and baseline x86-64, each in a source file of its own
 // (nce_avx512.cpp, nce_avx2.cpp, nce_base.cpp) with vectors of that instruction set's width (64, 32
 // and 16 bytes; a vector sum's order follows the width), and picked at run time.
@@ -228,16 +229,49 @@ std::pair<at::Tensor, at::Tensor> job_tensors(const Problem<bank_t, acc_t>& p, c
 // (32, 16384, 128, 20000) 6.9 ms in feature order against 9.4 in bank-row order.
 constexpr int64_t kDenseRowMajorMaxBytes = int64_t{1} << 20;
 
+// out[i] = sum over u of part[u][i] for part [U, M] (contiguous), summed in u order.
+template <typename acc_t>
+void sum_partials(const acc_t* part, int64_t U, int64_t M, acc_t* out) {
+  at::parallel_for(0, M, 4096, [&](int64_t m0, int64_t m1) {
+    const DenormalsAreZero daz;
+    for (int64_t i = m0; i < m1; ++i) out[i] = part[i];
+    for (int64_t u = 1; u < U; ++u)
+      for (int64_t i = m0; i < m1; ++i) out[i] += part[u * M + i];
+  });
+}
+
+// The GEMM plan's products are computed over fixed chunks of bank rows, by shape only (at least two,
+// about 1024 rows each), one chunk per task of a parallel loop: BLAS called inside the parallel region
+// runs on its calling thread (MKL and OpenMP builds of OpenBLAS do), so no product is split by the
+// thread count (MKL splits the long reduction of the backward's product by it: an 8x97 by 97x33
+// product differed at three threads), and the backward's partial products are added in chunk order.
+int64_t dense_chunks(int64_t N) { return std::clamp<int64_t>(N / 1024, 2, 64); }
+
 template <typename bank_t, typename acc_t>
 void forward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
   const int64_t B = p.B, Kc = p.Kc, C = p.C;
+  const int64_t nch = dense_chunks(N);
   for (int j = 0; j < p.njobs; ++j) {
     const auto& job = p.jobs[j];
     auto [bank, feat] = job_tensors(p, job, N, true);
     const int64_t W = job.nf * B;
     // score (i, b, r) at s[r * rs + (i B + b) * fs]
     const bool row_major = N * W * static_cast<int64_t>(sizeof(acc_t)) <= kDenseRowMajorMaxBytes;
-    const at::Tensor S = (row_major ? at::mm(bank, feat.t()) : at::mm(feat, bank.t())).contiguous();
+    const at::Tensor S = row_major ? at::empty({N, W}, feat.options()) : at::empty({W, N}, feat.options());
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = N * c / nch, n = N * (c + 1) / nch - n0;
+        if (n == 0) continue;
+        const at::Tensor rows = bank.narrow(0, n0, n);
+        if (row_major) {
+          at::Tensor out = S.narrow(0, n0, n);
+          at::mm_out(out, rows, feat.t());
+        } else {
+          at::Tensor out = S.narrow(1, n0, n);
+          at::mm_out(out, feat, rows.t());
+        }
+      }
+    });
     const int64_t rs = row_major ? W : 1, fs = row_major ? 1 : N;
     const acc_t* s = S.const_data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -275,7 +309,22 @@ at::Tensor backward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
         }
       }
     });
-    const at::Tensor P = at::mm(G, bank);  // [nf B, D]
+    // [nf B, D]: the partial products of the chunks, added in chunk order
+    const int64_t nch = dense_chunks(N);
+    at::Tensor part = at::empty({nch, job.nf * B, p.D}, opts);
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t n0 = N * c / nch, n = N * (c + 1) / nch - n0;
+        at::Tensor out = part[c];
+        if (n == 0) {
+          out.zero_();
+        } else {
+          at::mm_out(out, G.narrow(1, n0, n), bank.narrow(0, n0, n));
+        }
+      }
+    });
+    at::Tensor P = at::empty({job.nf * B, p.D}, opts);
+    sum_partials(part.const_data_ptr<acc_t>(), nch, job.nf * B * p.D, P.mutable_data_ptr<acc_t>());
     for (int i = 0; i < job.nf; ++i) grads[job.slot[i]].add_(P.narrow(0, i * B, B));
   }
   return grads;
@@ -329,17 +378,6 @@ void run_forward(const Problem<bank_t, acc_t>& p, int64_t N, const at::Tensor& k
       }
     });
   }
-}
-
-// out[i] = sum over u of part[u][i] for part [U, M] (contiguous), summed in u order.
-template <typename acc_t>
-void sum_partials(const acc_t* part, int64_t U, int64_t M, acc_t* out) {
-  at::parallel_for(0, M, 4096, [&](int64_t m0, int64_t m1) {
-    const DenormalsAreZero daz;
-    for (int64_t i = m0; i < m1; ++i) out[i] = part[i];
-    for (int64_t u = 1; u < U; ++u)
-      for (int64_t i = m0; i < m1; ++i) out[i] += part[u * M + i];
-  });
 }
 
 // Returns the feature gradients [nslots, B, D] (acc_t). Work units are fixed by the shapes (never by
