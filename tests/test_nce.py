@@ -150,6 +150,28 @@ def test_bank_scores_gradcheck(shape):
 DENSE_CHUNKED_SHAPE = (4, 8000, 24, 3500)
 
 
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_gemm_plan_without_autograd_on_every_thread(mode):
+    # the GEMM plan's products run on the pool's threads, which do not carry the caller's mode: under
+    # inference mode its outputs are inference tensors, written there all the same
+    from iic_ext.ops import iic_softmax_loss
+
+    l, ab, bl, bab, bneg, idx = _iic_inputs(*DENSE_CHUNKED_SHAPE, torch.float32, torch.float32)
+    want_s = reference.bank_scores(l, bl, idx)
+    want_i = reference.iic_scores(l, ab, bl, bab, bneg, idx, 2.0)
+    want_loss = reference.iic_softmax_loss(l, ab, bl, bab, bneg, idx, 2.0)
+
+    def run():
+        with mode():
+            return bank_scores(l, bl, idx), iic_scores(l, ab, bl, bab, bneg, idx, 2.0), iic_softmax_loss(
+                l, ab, bl, bab, bneg, idx, 2.0)
+
+    for s, i, loss in at_thread_counts(run, (1, 2, 3)):
+        assert_close(s, want_s, rtol=1e-5, atol=1e-5)
+        for got, want in zip((*i, *loss), (*want_i, *want_loss)):
+            assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bank_scores_deterministic():
     # across thread counts, every plan: the GEMM plan's BLAS calls work on fixed chunks of bank rows
     for shape in (ROWS_SHAPES[0], GATHER_SHAPES[1], DENSE_SHAPES[2], DENSE_CHUNKED_SHAPE):

@@ -29,6 +29,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>
@@ -245,6 +246,8 @@ void sum_partials(const acc_t* part, int64_t U, int64_t M, acc_t* out) {
 // runs on its calling thread (MKL and OpenMP builds of OpenBLAS do), so no product is split by the
 // thread count (MKL splits the long reduction of the backward's product by it: an 8x97 by 97x33
 // product differed at three threads), and the backward's partial products are added in chunk order.
+// The pool's threads do not carry the caller's dispatch state (inference mode, say), so the products
+// are dispatched below autograd (AutoDispatchBelowADInplaceOrView): straight to the CPU kernel.
 int64_t dense_chunks(int64_t N) { return std::clamp<int64_t>(N / 1024, 2, 64); }
 
 template <typename bank_t, typename acc_t>
@@ -259,6 +262,7 @@ void forward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
     const bool row_major = N * W * static_cast<int64_t>(sizeof(acc_t)) <= kDenseRowMajorMaxBytes;
     const at::Tensor S = row_major ? at::empty({N, W}, feat.options()) : at::empty({W, N}, feat.options());
     at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = N * c / nch, n = N * (c + 1) / nch - n0;
         if (n == 0) continue;
@@ -313,6 +317,7 @@ at::Tensor backward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
     const int64_t nch = dense_chunks(N);
     at::Tensor part = at::empty({nch, job.nf * B, p.D}, opts);
     at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t n0 = N * c / nch, n = N * (c + 1) / nch - n0;
         at::Tensor out = part[c];
