@@ -250,10 +250,22 @@ void sum_partials(const acc_t* part, int64_t U, int64_t M, acc_t* out) {
 // are dispatched below autograd (AutoDispatchBelowADInplaceOrView): straight to the CPU kernel.
 int64_t dense_chunks(int64_t N) { return std::clamp<int64_t>(N / 1024, 2, 64); }
 
+// fn(c, n0, n) for each chunk c of rows n0 .. n0 + n of a bank of N rows (n may be 0), on the pool.
+template <typename Fn>
+void for_each_dense_chunk(int64_t N, const Fn& fn) {
+  const int64_t nch = dense_chunks(N);
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n0 = N * c / nch;
+      fn(c, n0, N * (c + 1) / nch - n0);
+    }
+  });
+}
+
 template <typename bank_t, typename acc_t>
 void forward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
   const int64_t B = p.B, Kc = p.Kc, C = p.C;
-  const int64_t nch = dense_chunks(N);
   for (int j = 0; j < p.njobs; ++j) {
     const auto& job = p.jobs[j];
     auto [bank, feat] = job_tensors(p, job, N, true);
@@ -261,19 +273,15 @@ void forward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
     // score (i, b, r) at s[r * rs + (i B + b) * fs]
     const bool row_major = N * W * static_cast<int64_t>(sizeof(acc_t)) <= kDenseRowMajorMaxBytes;
     const at::Tensor S = row_major ? at::empty({N, W}, feat.options()) : at::empty({W, N}, feat.options());
-    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t n0 = N * c / nch, n = N * (c + 1) / nch - n0;
-        if (n == 0) continue;
-        const at::Tensor rows = bank.narrow(0, n0, n);
-        if (row_major) {
-          at::Tensor out = S.narrow(0, n0, n);
-          at::mm_out(out, rows, feat.t());
-        } else {
-          at::Tensor out = S.narrow(1, n0, n);
-          at::mm_out(out, feat, rows.t());
-        }
+    for_each_dense_chunk(N, [&](int64_t, int64_t n0, int64_t n) {
+      if (n == 0) return;
+      const at::Tensor rows = bank.narrow(0, n0, n);
+      if (row_major) {
+        at::Tensor out = S.narrow(0, n0, n);
+        at::mm_out(out, rows, feat.t());
+      } else {
+        at::Tensor out = S.narrow(1, n0, n);
+        at::mm_out(out, feat, rows.t());
       }
     });
     const int64_t rs = row_major ? W : 1, fs = row_major ? 1 : N;
@@ -316,16 +324,12 @@ at::Tensor backward_dense(const Problem<bank_t, acc_t>& p, int64_t N) {
     // [nf B, D]: the partial products of the chunks, added in chunk order
     const int64_t nch = dense_chunks(N);
     at::Tensor part = at::empty({nch, job.nf * B, p.D}, opts);
-    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
-      const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t n0 = N * c / nch, n = N * (c + 1) / nch - n0;
-        at::Tensor out = part[c];
-        if (n == 0) {
-          out.zero_();
-        } else {
-          at::mm_out(out, G.narrow(1, n0, n), bank.narrow(0, n0, n));
-        }
+    for_each_dense_chunk(N, [&](int64_t c, int64_t n0, int64_t n) {
+      at::Tensor out = part[c];
+      if (n == 0) {
+        out.zero_();
+      } else {
+        at::mm_out(out, G.narrow(1, n0, n), bank.narrow(0, n0, n));
       }
     });
     at::Tensor P = at::empty({job.nf * B, p.D}, opts);

@@ -268,8 +268,7 @@ IIC_INLINE void hsum4(typename Vec<T>::type v0, typename Vec<T>::type v1, typena
 #if IIC_NCE_VEC_BYTES == 64
   if constexpr (std::is_same_v<T, float>) {
     hsum4_float(v0, v1, v2, v3, out);
-    return;
-  }
+  } else
 #endif
   if constexpr (kVecBytes < 64 && W >= 4) {
     // each vector folded to 4 lanes, then two vectors' last two steps per vector operation
@@ -280,7 +279,7 @@ IIC_INLINE void hsum4(typename Vec<T>::type v0, typename Vec<T>::type v1, typena
     const V4 c = __builtin_shufflevector(h2, h3, 0, 1, 4, 5) + __builtin_shufflevector(h2, h3, 2, 3, 6, 7);
     const V4 r = __builtin_shufflevector(a, c, 0, 2, 4, 6) + __builtin_shufflevector(a, c, 1, 3, 5, 7);
     std::memcpy(out, &r, sizeof(r));
-  } else if constexpr (!(kVecBytes == 64 && std::is_same_v<T, float>)) {
+  } else {
     out[0] = hsum<T>(v0), out[1] = hsum<T>(v1), out[2] = hsum<T>(v2), out[3] = hsum<T>(v3);
   }
 }
