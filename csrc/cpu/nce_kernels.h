@@ -581,11 +581,12 @@ constexpr int kRun = kVecBytes == 64 ? 4 : kVecBytes == 32 ? 3 : 2;
 
 // v, held in a register. With AVX2 a run of 3 draws keeps 12 sums and 3 row vectors in 15 of the 16
 // registers; GCC then reads each feature vector twice, as a memory operand of both of its multiply-adds
-// (15 loads per 12 multiply-adds, more than the two load ports keep up with). Loaded once into the
-// last register, the vector serves both (9 loads): one thread, (16, 4096, 128, 9537), the IIC forward
-// took 1.74-1.86 ms against 1.87-2.08 (four alternating pairs of runs), (16, 1024, 512, 9537)
-// 2.84-3.19 against 3.02-3.75. The empty asm makes v an opaque register value the compiler cannot
-// fold into a later instruction.
+// (15 loads per 12 multiply-adds). Loaded once into the last register, the vector serves both
+// (9 loads): on an AMD EPYC (Zen 3), one thread, the IIC forward at (16, 4096, 128, 9537) took
+// 1.74-1.86 ms against 1.87-2.08 (four alternating pairs of runs), at (16, 1024, 512, 9537) 2.84-3.19
+// against 3.02-3.75. The empty asm makes v an opaque register value the compiler cannot fold into a
+// later instruction. The 64-byte units read the features the same way but have 32 registers; they
+// are left as they are (not measured).
 template <typename V>
 IIC_INLINE V in_register(V v) {
 #if IIC_NCE_VEC_BYTES == 32 && (defined(__x86_64__) || defined(__i386__))
@@ -945,11 +946,11 @@ IIC_INLINE void iic_fwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGrou
 
 // part[slot][b][D] += the IIC score gradients of bank rows r0 .. r1, each run of draws loading the rows
 // once and updating both views' sums (axpy_run). With several draws per row the rows are prefetched
-// kRowAhead rows ahead: at (B, K, D, N) = (16, 4096, 128, 9537), two threads, the backward took
-// 1.55 ms against 1.79 (25th percentiles of 290 calls, alternating in one process) and 10% less at
-// (32, 16384, 128, 100000). With fewer draws per row the prefetches cost more than they save
-// ((16, 1024, 512, 9537): 20% slower), and the forward and the fused loss, which store no sums per
-// draw, gained nothing.
+// kRowAhead rows ahead: on an AMD EPYC (AVX2 units), at (B, K, D, N) = (16, 4096, 128, 9537), two
+// threads, the backward took 1.55 ms against 1.79 (25th percentiles of 290 calls, alternating in one
+// process) and 10% less at (32, 16384, 128, 100000). With fewer draws per row the prefetches cost more
+// than they save ((16, 1024, 512, 9537): 20% slower); the same prefetch in the IIC forward, the fused
+// loss and the grouped bank_scores backward gained nothing.
 template <typename bank_t, typename acc_t>
 IIC_INLINE void iic_bwd_rows_impl(const Problem<bank_t, acc_t>& p, const RowGroups& g, int64_t r0, int64_t r1,
                                   acc_t* part, acc_t* buf) {
