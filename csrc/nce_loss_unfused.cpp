@@ -1,14 +1,13 @@
-// iic_softmax_loss from the scores kernels, for backends without a one-pass loss kernel (CUDA).
+// iic_softmax_loss from the scores ops and ATen, for checking the one-pass kernels.
 //
 // _iic_softmax_loss_unfused(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t)
 //   -> (loss_l [B], loss_ab [B], grad_l [B, D], grad_ab [B, D]), the contract of iic_softmax_loss:
 //   logits = iic_scores(l, ab, ...) in the accumulation dtype (float32, float64 when l or the banks are),
 //   loss = logsumexp(logits) - logits[:, 0] (cross-entropy, label 0), and
 //   grad = _iic_scores_backward(softmax(logits) - onehot(0)), i.e. inv_t * (sum_j p_j row_j - row_0).
-// The sampled rows are read twice (scores, then gradient) but the whole loss is one C++ call with no
-// autograd graph: the backward of iic_softmax_loss only scales the saved gradient. It is the CUDA
-// kernel of iic_softmax_loss and, under its own name, runs on every device so that the CPU tests can
-// check it against the one-pass CPU kernel.
+// The sampled rows are read twice (scores, then gradient), as the CUDA kernel of iic_softmax_loss
+// does (nce.cu) with its own softmax kernel in between. It runs on every device, so that the CPU
+// tests can check the one-pass CPU kernel against it and the CUDA tests the CUDA kernel.
 #include <torch/library.h>
 
 #include "nce_checks.h"
@@ -45,9 +44,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> iic_softmax_loss_unfu
 TORCH_LIBRARY_IMPL(iic_ext, CompositeExplicitAutograd, m) {
   m.impl("_iic_softmax_loss_unfused", &iic_softmax_loss_unfused);
 }
-
-#ifdef IIC_EXT_WITH_CUDA
-TORCH_LIBRARY_IMPL(iic_ext, CUDA, m) { m.impl("iic_softmax_loss", &iic_softmax_loss_unfused); }
-#endif
 
 }  // namespace iic_ext

@@ -7,13 +7,19 @@
 // iic_scores: out_l = [bank_ab[idx] | bank_neg[idx]] . l * inv_t, out_ab = [bank_l[idx] | bank_neg[idx]] . ab
 //   * inv_t, each [B, 2 (K+1)] ([B, K+1] without bank_neg), in l's dtype; idx [B, K+1].
 // _iic_scores_backward: (grad l [B, D], grad ab [B, D]) in `dtype`.
+// iic_softmax_loss: (loss_l [B], loss_ab [B], grad_l [B, D], grad_ab [B, D]): the scores, then one kernel
+//   for both views' log-softmax at column 0 and softmax - onehot(0), then the scores' backward.
 // bank_update_: bank[y] = normalize(m * bank[y] + (1 - m) * feat[b]) for y = idx[b] (idx [B]), in place.
 //   Every update reads the row as it was before the call; with a repeated y the last occurrence wins.
 //
 // Scores: one warp per (b, k); its lanes stride over D and a shuffle tree adds them, so the sampled
 // rows are read once, coalesced, and never materialised (IIC reads each bank_neg row once for both
-// views). Backward: one block per (b, 32 columns of D); its 8 warps each sum a fixed chunk of k and
-// the chunks are added in order: no atomics, the result depends only on the shapes. Update: one warp
+// views). Backward: one block per (b, 32 columns of D, split of k); its 8 warps each sum a fixed chunk
+// of the split, the chunks are added in order in the block and the splits in order by a second kernel:
+// no atomics, the result depends only on the shapes. The number of splits comes from the shapes alone
+// (enough blocks to fill a GPU, at least kMinRowsPerWarp rows per warp): with B (D / 32) blocks alone,
+// a small batch leaves most of the GPU idle and each warp walks thousands of rows one load after the
+// other. Update: one warp
 // per b; it skips b when a later b' draws the same row, so each row has exactly one writer, which reads
 // the row before writing it.
 #include <ATen/Dispatch.h>
@@ -32,6 +38,8 @@ using cuda::mul_rn;
 
 constexpr int kWarp = 32;
 constexpr int kChunks = 8;  // warps of a backward block, each summing one chunk of k
+constexpr int64_t kBackwardBlocks = 1024;  // blocks the backward aims for (several waves on any GPU)
+constexpr int64_t kMinRowsPerWarp = 16;    // fewer rows per warp than this: no further split of k
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -125,14 +133,15 @@ __global__ void iic_scores_kernel(const acc_t* __restrict__ l, const acc_t* __re
   }
 }
 
-// Chunk y of [0, K) for the backward blocks.
-__device__ __forceinline__ void chunk(int64_t K, int y, int64_t& k0, int64_t& k1) {
-  const int64_t per = (K + kChunks - 1) / kChunks;
-  k0 = y * per < K ? y * per : K;
+// Chunk c of [0, K) cut into n chunks, for the backward blocks: warp y of split s takes c = s kChunks + y.
+__device__ __forceinline__ void chunk(int64_t K, int64_t c, int64_t n, int64_t& k0, int64_t& k1) {
+  const int64_t per = (K + n - 1) / n;
+  k0 = c * per < K ? c * per : K;
   k1 = k0 + per < K ? k0 + per : K;
 }
 
-// grad_feat [B, D] (acc_t) = sum_k grad[b, k] * bank[idx[b, k]]; block (32, kChunks) per (b, d-tile).
+// grad_feat = sum_k grad[b, k] * bank[idx[b, k]] over split blockIdx.y of k, into out [gridDim.y, B, D]
+// (acc_t); block (32, kChunks) per (b, d-tile, split).
 template <typename bank_t, typename acc_t>
 __global__ void bank_scores_backward_kernel(const acc_t* __restrict__ grad, Rows<bank_t> bank,
                                             const int64_t* __restrict__ idx, acc_t* __restrict__ out, int64_t B,
@@ -141,7 +150,8 @@ __global__ void bank_scores_backward_kernel(const acc_t* __restrict__ grad, Rows
   const int x = threadIdx.x, y = threadIdx.y;
   const int64_t tiles = (D + kWarp - 1) / kWarp;
   int64_t k0, k1;
-  chunk(K, y, k0, k1);
+  chunk(K, blockIdx.y * int64_t{kChunks} + y, gridDim.y * int64_t{kChunks}, k0, k1);
+  out += blockIdx.y * B * D;
   for (int64_t tile = blockIdx.x; tile < B * tiles; tile += gridDim.x) {
     const int64_t b = tile / tiles;
     const int64_t d = (tile - b * tiles) * kWarp + x;
@@ -149,6 +159,7 @@ __global__ void bank_scores_backward_kernel(const acc_t* __restrict__ grad, Rows
     if (d < D) {
       const acc_t* g = grad + b * K;
       const int64_t* ix = idx + b * K;
+#pragma unroll 4
       for (int64_t k = k0; k < k1; ++k) s += g[k] * static_cast<acc_t>(bank.row(ix[k])[d * bank.s1]);
     }
     part[y][x] = s;
@@ -163,7 +174,8 @@ __global__ void bank_scores_backward_kernel(const acc_t* __restrict__ grad, Rows
   }
 }
 
-// grad_l, grad_ab [B, D] (acc_t) of the IIC scores; same blocks as bank_scores_backward_kernel.
+// grad_l, grad_ab of the IIC scores over split blockIdx.y of k, into out_l, out_ab [gridDim.y, B, D]
+// (acc_t); same blocks as bank_scores_backward_kernel.
 template <typename bank_t, typename acc_t>
 __global__ void iic_scores_backward_kernel(const acc_t* __restrict__ gl, const acc_t* __restrict__ gab,
                                            Rows<bank_t> bank_l, Rows<bank_t> bank_ab, Rows<bank_t> bank_neg,
@@ -176,7 +188,9 @@ __global__ void iic_scores_backward_kernel(const acc_t* __restrict__ gl, const a
   const bool neg = bank_neg.p != nullptr;
   const int64_t tiles = (D + kWarp - 1) / kWarp;
   int64_t k0, k1;
-  chunk(K1, y, k0, k1);
+  chunk(K1, blockIdx.y * int64_t{kChunks} + y, gridDim.y * int64_t{kChunks}, k0, k1);
+  out_l += blockIdx.y * B * D;
+  out_ab += blockIdx.y * B * D;
   for (int64_t tile = blockIdx.x; tile < B * tiles; tile += gridDim.x) {
     const int64_t b = tile / tiles;
     const int64_t d = (tile - b * tiles) * kWarp + x;
@@ -185,6 +199,7 @@ __global__ void iic_scores_backward_kernel(const acc_t* __restrict__ gl, const a
       const acc_t* g_l = gl + b * C;
       const acc_t* g_ab = gab + b * C;
       const int64_t* ix = idx + b * K1;
+#pragma unroll 4
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r = ix[k];
         sl += (g_l[k] * scale) * static_cast<acc_t>(bank_ab.row(r)[d * bank_ab.s1]);
@@ -210,6 +225,63 @@ __global__ void iic_scores_backward_kernel(const acc_t* __restrict__ gl, const a
       out_ab[b * D + d] = tab;
     }
     __syncthreads();
+  }
+}
+
+// out_v[i] = sum over s in order of part[v][s][i], for v < views (out_1 unused with one view); part
+// [views, S, n].
+template <typename acc_t>
+__global__ void sum_splits_kernel(const acc_t* __restrict__ part, acc_t* __restrict__ out_0, acc_t* __restrict__ out_1,
+                                  int64_t S, int64_t n, int views) {
+  const int64_t total = n * views;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t v = i / n, j = i - v * n;
+    const acc_t* p = part + v * S * n + j;
+    acc_t t = p[0];
+    for (int64_t s = 1; s < S; ++s) t += p[s * n];
+    (v == 0 ? out_0 : out_1)[j] = t;
+  }
+}
+
+// Block-wide reduction (kThreads threads) in a fixed order; every thread returns the result.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T* shared) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  __syncthreads();  // shared may still be read by a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  T t = shared[0];
+  for (int w = 1; w < cuda::kThreads / kWarp; ++w) t = op(t, shared[w]);
+  return t;
+}
+
+// Cross-entropy at label 0 of the logits rows, one block per (view, b): loss[b] = logsumexp(x) - x[0],
+// and x is overwritten with d loss / d x = softmax(x) - onehot(0). x_l, x_ab [B, C] contiguous.
+template <typename acc_t>
+__global__ void softmax_ce_kernel(acc_t* __restrict__ x_l, acc_t* __restrict__ x_ab, acc_t* __restrict__ loss_l,
+                                  acc_t* __restrict__ loss_ab, int64_t B, int64_t C) {
+  __shared__ acc_t shared[cuda::kThreads / kWarp];
+  for (int64_t r = blockIdx.x; r < 2 * B; r += gridDim.x) {  // uniform over the block
+    const bool first = r < B;
+    const int64_t b = first ? r : r - B;
+    acc_t* x = (first ? x_l : x_ab) + b * C;
+    acc_t mx = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) mx = x[j] > mx ? x[j] : mx;
+    mx = block_reduce(mx, [](acc_t u, acc_t v) { return u > v ? u : v; }, shared);
+    acc_t se = 0;
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) se += exp(x[j] - mx);
+    se = block_reduce(se, [](acc_t u, acc_t v) { return u + v; }, shared);
+    // log_softmax's order, (x - max) - log(sum): x - max is exact for the large logits, where
+    // x - (max + log(sum)) would carry the rounding of a sum at the logits' magnitude into
+    // softmax - 1 at column 0, which cancels when the positive dominates
+    const acc_t ls = log(se);
+    if (threadIdx.x == 0) (first ? loss_l : loss_ab)[b] = ls - (x[0] - mx);  // before x[0] is overwritten
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+      x[j] = exp((x[j] - mx) - ls) - (j == 0 ? acc_t{1} : acc_t{0});
+    }
   }
 }
 
@@ -254,6 +326,27 @@ unsigned int tile_blocks(int64_t B, int64_t D) {
 
 const dim3 kTileBlock(kWarp, kChunks);
 
+// Splits of k for the backward (gridDim.y), from the shapes only.
+int64_t backward_splits(int64_t B, int64_t K, int64_t D) {
+  const int64_t tiles = B * cuda::ceil_div(D, kWarp);
+  if (tiles == 0) return 1;
+  const int64_t by_rows = cuda::ceil_div(K, kChunks * kMinRowsPerWarp);
+  return std::max<int64_t>(1, std::min({cuda::ceil_div(kBackwardBlocks, tiles), by_rows, int64_t{65535}}));
+}
+
+// Adds the splits of part [views, S, n] into out_0 (and out_1); nothing to do with one split, where the
+// backward kernel wrote the outputs.
+template <typename acc_t>
+void sum_splits(const at::Tensor& part, at::Tensor& out_0, at::Tensor* out_1, int64_t S, cudaStream_t stream) {
+  if (S == 1) return;
+  const int64_t n = out_0.numel();
+  const int views = out_1 ? 2 : 1;
+  sum_splits_kernel<acc_t><<<cuda::blocks_for(n * views), cuda::kThreads, 0, stream>>>(
+      part.const_data_ptr<acc_t>(), out_0.mutable_data_ptr<acc_t>(), out_1 ? out_1->mutable_data_ptr<acc_t>() : nullptr,
+      S, n, views);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // ---- ops -------------------------------------------------------------------------------------------
 
 at::Tensor bank_scores_cuda(const at::Tensor& feat, const at::Tensor& bank, const at::Tensor& idx) {
@@ -287,14 +380,18 @@ at::Tensor bank_scores_backward_cuda(const at::Tensor& grad, const at::Tensor& b
   at::Tensor out = at::empty({B, D}, grad.options().dtype(acc));
   if (out.numel() > 0) {
     const at::Tensor g = grad.to(acc).contiguous(), ix = idx.contiguous();
+    const int64_t S = backward_splits(B, K, D);
+    const at::Tensor part = S == 1 ? out : at::empty({S, B, D}, out.options());
     const cudaStream_t stream = cuda::current_stream();
     dispatch_bank(bank.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
       using bank_t = decltype(bank_v);
       using acc_t = decltype(acc_v);
-      bank_scores_backward_kernel<bank_t, acc_t><<<tile_blocks(B, D), kTileBlock, 0, stream>>>(
+      const dim3 grid(tile_blocks(B, D), static_cast<unsigned int>(S));
+      bank_scores_backward_kernel<bank_t, acc_t><<<grid, kTileBlock, 0, stream>>>(
           g.const_data_ptr<acc_t>(), rows_of<bank_t>(bank), ix.const_data_ptr<int64_t>(),
-          out.mutable_data_ptr<acc_t>(), B, K, D);
+          part.mutable_data_ptr<acc_t>(), B, K, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sum_splits<acc_t>(part, out, nullptr, S, stream);
     });
   }
   return out.to(dtype);
@@ -350,18 +447,48 @@ std::tuple<at::Tensor, at::Tensor> iic_scores_backward_cuda(const at::Tensor& gr
   at::Tensor out_ab = at::empty({B, D}, grad_l.options().dtype(acc));
   if (out_l.numel() > 0) {
     const at::Tensor gl = grad_l.to(acc).contiguous(), gab = grad_ab.to(acc).contiguous(), ix = idx.contiguous();
+    const int64_t S = backward_splits(B, K1, D);
+    // with several splits: partial sums [2 (views), S, B, D], added in order by sum_splits
+    const at::Tensor part = S == 1 ? at::Tensor() : at::empty({2, S, B, D}, out_l.options());
     const cudaStream_t stream = cuda::current_stream();
     dispatch_bank(bank_l.scalar_type(), acc, [&](auto bank_v, auto acc_v) {
       using bank_t = decltype(bank_v);
       using acc_t = decltype(acc_v);
-      iic_scores_backward_kernel<bank_t, acc_t><<<tile_blocks(B, D), kTileBlock, 0, stream>>>(
+      const dim3 grid(tile_blocks(B, D), static_cast<unsigned int>(S));
+      acc_t* pl = S == 1 ? out_l.mutable_data_ptr<acc_t>() : part.mutable_data_ptr<acc_t>();
+      acc_t* pab = S == 1 ? out_ab.mutable_data_ptr<acc_t>() : pl + S * B * D;
+      iic_scores_backward_kernel<bank_t, acc_t><<<grid, kTileBlock, 0, stream>>>(
           gl.const_data_ptr<acc_t>(), gab.const_data_ptr<acc_t>(), rows_of<bank_t>(bank_l), rows_of<bank_t>(bank_ab),
-          neg_rows<bank_t>(bank_neg), ix.const_data_ptr<int64_t>(), out_l.mutable_data_ptr<acc_t>(),
-          out_ab.mutable_data_ptr<acc_t>(), B, K1, C, D, static_cast<acc_t>(inv_t));
+          neg_rows<bank_t>(bank_neg), ix.const_data_ptr<int64_t>(), pl, pab, B, K1, C, D, static_cast<acc_t>(inv_t));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (S > 1) sum_splits<acc_t>(part, out_l, &out_ab, S, stream);
     });
   }
   return {out_l.to(dtype), out_ab.to(dtype)};
+}
+
+// iic_softmax_loss on CUDA: three kernels (scores, softmax_ce, scores' backward), no autograd graph;
+// the logits are written once and overwritten with their gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> iic_softmax_loss_cuda(
+    const at::Tensor& l, const at::Tensor& ab, const at::Tensor& bank_l, const at::Tensor& bank_ab,
+    const std::optional<at::Tensor>& bank_neg, const at::Tensor& idx, double inv_t) {
+  const IicArgs a = check_iic_loss(l, ab, bank_l, bank_ab, bank_neg, idx);
+  const IndicesAlreadyChecked checked;  // idx, above: the calls below do not read it back again
+  c10::cuda::CUDAGuard device_guard(l.device());
+  const auto acc = acc_type_of(l.scalar_type(), bank_l.scalar_type());
+  auto [x_l, x_ab] = iic_scores_cuda(l.to(acc), ab.to(acc), bank_l, bank_ab, bank_neg, idx, inv_t);
+  at::Tensor loss_l = at::empty({a.B}, x_l.options()), loss_ab = at::empty({a.B}, x_l.options());
+  if (a.B > 0) {
+    const cudaStream_t stream = cuda::current_stream();
+    AT_DISPATCH_FLOATING_TYPES(acc, "iic_softmax_loss", [&] {
+      softmax_ce_kernel<scalar_t><<<cuda::blocks_for(2 * a.B * cuda::kThreads), cuda::kThreads, 0, stream>>>(
+          x_l.mutable_data_ptr<scalar_t>(), x_ab.mutable_data_ptr<scalar_t>(), loss_l.mutable_data_ptr<scalar_t>(),
+          loss_ab.mutable_data_ptr<scalar_t>(), a.B, x_l.size(1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  auto [grad_l, grad_ab] = iic_scores_backward_cuda(x_l, x_ab, bank_l, bank_ab, bank_neg, idx, inv_t, acc);
+  return {loss_l, loss_ab, grad_l, grad_ab};
 }
 
 void bank_update_cuda(const at::Tensor& bank, const at::Tensor& idx, const at::Tensor& feat, double momentum) {
@@ -390,6 +517,7 @@ TORCH_LIBRARY_IMPL(iic_ext, CUDA, m) {
   m.impl("_bank_scores_backward", &bank_scores_backward_cuda);
   m.impl("iic_scores", &iic_scores_cuda);
   m.impl("_iic_scores_backward", &iic_scores_backward_cuda);
+  m.impl("iic_softmax_loss", &iic_softmax_loss_cuda);
   m.impl("bank_update_", &bank_update_cuda);
 }
 

@@ -5,6 +5,7 @@ both kernels evaluate the same expressions in the same order), output dtypes and
 match, and backward scatters and the bank update must be deterministic. The NCE tests skip until the
 CPU kernels of the memory-bank ops are registered.
 """
+import math
 import os
 
 import pytest
@@ -410,17 +411,22 @@ def test_bank_scores_cuda_matches_cpu(feat_dtype, bank_dtype, B, K, D, N, stride
     assert torch.equal(gf, again)
 
 
+def _iic_inputs(B, K1, D, N, feat_dtype, bank_dtype, with_neg, g):
+    """l, ab [B, D]; bank_l, bank_ab (strided), bank_neg (or None) [N, D]; idx [B, K1] on the CPU."""
+    l = torch.randn(B, D, generator=g, dtype=torch.float64).to(feat_dtype)
+    ab = torch.randn(B, D, generator=g, dtype=torch.float64).to(feat_dtype)
+    bl, bab = _bank(N, D, bank_dtype, seed=1), _bank(N, D, bank_dtype, strided=True, seed=2)
+    bneg = _bank(N, D, bank_dtype, seed=3) if with_neg else None
+    return l, ab, bl, bab, bneg, torch.randint(0, N, (B, K1), generator=g)
+
+
 @nce
 @pytest.mark.parametrize("feat_dtype,bank_dtype", NCE_DTYPES)
 @pytest.mark.parametrize("with_neg", [True, False])
 @pytest.mark.parametrize("B,K1,D,N", [(0, 3, 8, 10), (4, 1, 128, 50), (3, 17, 33, 40), (6, 2049, 128, 3000)])
 def test_iic_scores_cuda_matches_cpu(feat_dtype, bank_dtype, with_neg, B, K1, D, N):
     g = torch.Generator().manual_seed(2)
-    l = torch.randn(B, D, generator=g, dtype=torch.float64).to(feat_dtype)
-    ab = torch.randn(B, D, generator=g, dtype=torch.float64).to(feat_dtype)
-    bl, bab = _bank(N, D, bank_dtype, seed=1), _bank(N, D, bank_dtype, strided=True, seed=2)
-    bneg = _bank(N, D, bank_dtype, seed=3) if with_neg else None
-    idx = torch.randint(0, N, (B, K1), generator=g)
+    l, ab, bl, bab, bneg, idx = _iic_inputs(B, K1, D, N, feat_dtype, bank_dtype, with_neg, g)
     inv_t = 1 / 0.07
     got = torch.ops.iic_ext.iic_scores(_dev(l), _dev(ab), _dev(bl), _dev(bab), _dev(bneg), _dev(idx), inv_t)
     want = torch.ops.iic_ext.iic_scores(l, ab, bl, bab, bneg, idx, inv_t)
@@ -441,6 +447,95 @@ def test_iic_scores_cuda_matches_cpu(feat_dtype, bank_dtype, with_neg, B, K1, D,
         torch.testing.assert_close(a.cpu(), b, rtol=tol["rtol"] * scale, atol=tol["atol"] * scale)
     again = torch.ops.iic_ext._iic_scores_backward(_dev(gl), _dev(gab), *cuda_args)
     assert all(torch.equal(a, b) for a, b in zip(dg, again))
+
+
+@nce
+@pytest.mark.parametrize("feat_dtype,bank_dtype", NCE_DTYPES)
+@pytest.mark.parametrize("with_neg", [True, False])
+@pytest.mark.parametrize("B,K1,D,N", [(0, 3, 8, 10), (4, 1, 128, 50), (3, 17, 33, 40), (6, 2049, 128, 3000),
+                                      (2, 700, 0, 30)])
+def test_iic_softmax_loss_cuda_matches_cpu(feat_dtype, bank_dtype, with_neg, B, K1, D, N):
+    """The CUDA loss kernel (scores, softmax, backward) against the CPU one-pass kernel and against the
+    composite of the scores ops on the GPU; loss and gradient, repeatable to the bit."""
+    g = torch.Generator().manual_seed(6)
+    l, ab, bl, bab, bneg, idx = _iic_inputs(B, K1, D, N, feat_dtype, bank_dtype, with_neg, g)
+    inv_t = 1 / 0.07
+    cuda_args = (_dev(l), _dev(ab), _dev(bl), _dev(bab), _dev(bneg), _dev(idx), inv_t)
+    got = torch.ops.iic_ext.iic_softmax_loss(*cuda_args)
+    want = torch.ops.iic_ext.iic_softmax_loss(l, ab, bl, bab, bneg, idx, inv_t)
+    composite = torch.ops.iic_ext._iic_softmax_loss_unfused(*cuda_args)
+    tol = _nce_tol(feat_dtype, bank_dtype)
+    scale = max(1.0, K1 ** 0.5) * inv_t
+    tol = dict(rtol=tol["rtol"] * scale, atol=tol["atol"] * scale)
+    acc = torch.float64 if torch.float64 in (feat_dtype, bank_dtype) else torch.float32
+    for a, b, c, shape in zip(got, want, composite, [(B,), (B,), (B, D), (B, D)]):
+        assert a.dtype == b.dtype == c.dtype == acc and a.shape == b.shape == shape
+        torch.testing.assert_close(a.cpu(), b, **tol)
+        torch.testing.assert_close(a, c, **tol)
+    again = torch.ops.iic_ext.iic_softmax_loss(*cuda_args)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def _dominant_positive_case(B=4, K1=300, D=16, N=2000, logit=400.0, seed=8):
+    """Float64 inputs whose logits have the positive at ``logit`` and the other columns 5 to 20 below it,
+    as a trained model's un-normalised features give at T = 0.07: softmax - 1 at column 0 is a small
+    difference of numbers near 1 there."""
+    g = torch.Generator().manual_seed(seed)
+    inv_t = 1 / 0.07
+    idx = torch.randperm(N, generator=g)[: B * K1].view(B, K1)
+    banks = []
+    for v in range(3):
+        lo, hi = math.acos(1 - 5 / logit), math.acos(1 - 20 / logit)
+        theta = lo + (hi - lo) * torch.rand(N, generator=g, dtype=torch.float64)
+        bank = torch.zeros(N, D, dtype=torch.float64)
+        bank[:, 0], bank[:, 1] = theta.cos(), theta.sin()
+        if v < 2:  # the two views' banks hold the positive's direction; the intra-negative bank does not
+            bank[idx[:, 0]] = 0
+            bank[idx[:, 0], 0] = 1
+        banks.append(bank)
+    l = torch.zeros(B, D, dtype=torch.float64)
+    l[:, 0] = logit / inv_t
+    return l, l.clone(), banks, idx, inv_t
+
+
+@nce
+def test_iic_softmax_loss_cuda_dominant_positive():
+    """float32 loss gradient to a few units of rounding of the result when the positive dominates: the
+    softmax must be taken as (x - max) - log(sum), not x - (max + log(sum)), whose rounding at the
+    logits' magnitude (400 here) would show up in softmax - 1 at column 0."""
+    l, ab, banks, idx, inv_t = _dominant_positive_case()
+    l64, ab64 = l.clone().requires_grad_(), ab.clone().requires_grad_()
+    want = reference.iic_softmax_loss(l64, ab64, *banks, idx, inv_t)
+    want_grads = torch.autograd.grad(want[0].sum() + want[1].sum(), (l64, ab64))
+    got = torch.ops.iic_ext.iic_softmax_loss(l.float().to(CUDA), ab.float().to(CUDA),
+                                             *[b.float().to(CUDA) for b in banks], idx.to(CUDA), inv_t)
+    for a, b in zip(got[:2], want):
+        torch.testing.assert_close(a.cpu(), b.float(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[2:], want_grads):
+        torch.testing.assert_close(a.cpu(), b.float(), rtol=1e-3, atol=2e-5)
+
+
+@nce
+def test_iic_softmax_loss_cuda_autograd_and_opcheck():
+    g = torch.Generator().manual_seed(7)
+    B, K1, D, N = 5, 300, 24, 90
+    l = torch.randn(B, D, generator=g, dtype=torch.float64).to(CUDA).requires_grad_()
+    ab = torch.randn(B, D, generator=g, dtype=torch.float64).to(CUDA).requires_grad_()
+    banks = [_bank(N, D, torch.float64, seed=s).to(CUDA) for s in (1, 2, 3)]
+    idx = torch.randint(0, N, (B, K1), generator=g).to(CUDA)
+    loss_l, loss_ab = ops.iic_softmax_loss(l, ab, *banks, idx, 2.0)
+    w = torch.randn(B, generator=g, dtype=torch.float64).to(CUDA)
+    gl, gab = torch.autograd.grad((loss_l * w).sum() + loss_ab.sum(), (l, ab))
+    rl, rab = reference.iic_softmax_loss(l, ab, *banks, idx, 2.0)
+    wl, wab = torch.autograd.grad((rl * w).sum() + rab.sum(), (l, ab))
+    torch.testing.assert_close(loss_l, rl)
+    torch.testing.assert_close(loss_ab, rab)
+    torch.testing.assert_close(gl, wl)
+    torch.testing.assert_close(gab, wab)
+    args = (l.detach(), ab.detach(), *banks, idx, 2.0)
+    torch.library.opcheck(torch.ops.iic_ext.iic_softmax_loss.default, args)
+    torch.library.opcheck(torch.ops.iic_ext._iic_scores_backward.default,
+                          (torch.randn(B, 2 * K1, dtype=torch.float64, device=CUDA),) * 2 + (*banks, idx, 2.0, torch.float64))
 
 
 @nce
