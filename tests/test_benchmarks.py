@@ -76,3 +76,13 @@ def test_quick_run_writes_rows_table_and_the_commit_measured(tmp_path, monkeypat
     assert "| group | op | shape |" in table
     assert table.count("\n| negatives |") + table.count("\n| views |") == len(rows)
     assert "c0ffee" in table and "c0ffee+dirty" not in table
+
+
+def test_nce_profile_reports_host_and_kernel_time():
+    got = subprocess.run([sys.executable, "-m", "benchmarks.profile_nce", "--device", "cpu", "--shapes", "1",
+                          "--steps", "1", "--arms", "fused", "--rows", "5"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert got.returncode == 0, got.stdout + got.stderr
+    lines = [ln for ln in got.stdout.splitlines() if ln.startswith("== ")]
+    assert len(lines) == 2 and all("enqueue" in ln and "total" in ln for ln in lines)  # the two rows' fused arms
+    assert "iic_ext::iic_scores" in got.stdout and "iic_ext::iic_softmax_loss" in got.stdout

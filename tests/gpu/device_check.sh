@@ -10,6 +10,7 @@
 #   IIC_BENCH_VIEWS_FULL=0 skip the last stage, the full clip-op benchmark (it runs in the time left)
 #   IIC_BENCH_VIEWS_QUICK=1 also the clip ops in --quick before it
 #   IIC_BENCH_VIEWS_FIRST=1 the full clip-op benchmark first (at most 150 s), then NCE and the step
+#   IIC_PROFILE_NCE=1      after the NCE and step benchmarks, python -m benchmarks.profile_nce (60 s at most)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 IIC_EXT_LARGE_TESTS=${IIC_EXT_LARGE_TESTS:-1}
 cd "$(dirname "$0")/../.."
@@ -155,6 +156,11 @@ if [ "${IIC_GPU_TESTS_ONLY:-0}" != "1" ] && [ -f benchmarks/__main__.py ]; then
     views_full 150
   fi
   bench full 200 --only nce,step
+  if [ "${IIC_PROFILE_NCE:-0}" = "1" ]; then
+    stamp "NCE profile (log: profile-nce.txt)"
+    timeout "$(budget 60)" "$PY" -m benchmarks.profile_nce --device cuda >"$OUT/profile-nce.txt" 2>&1 || status=1
+    grep "^== " "$OUT/profile-nce.txt"
+  fi
   if [ "${IIC_BENCH_VIEWS_QUICK:-0}" = "1" ]; then
     bench quick 100 --quick --only residual,negatives,views
   fi
