@@ -50,6 +50,21 @@ def _banks(N, D, device, g):
     return [_bank_like(F.normalize(b, dim=1).to(device)) for b in banks]
 
 
+def step_inputs(B, K, D, N, device):
+    """The inputs of one measured step at (B, K, D, N), the same on every call: features l, ab (needing
+    grad) and neg [B, D], the three banks [N, D], idx [B, K + 1] with column 0 = y, y [B]."""
+    g = torch.Generator().manual_seed(0)
+    banks = _banks(N, D, device, g)
+    # features as the backbone gives them: post-ReLU, not normalised
+    l = F.relu(torch.randn(B, D, generator=g)).to(device).requires_grad_()
+    ab = F.relu(torch.randn(B, D, generator=g)).to(device).requires_grad_()
+    neg = F.relu(torch.randn(B, D, generator=g)).to(device)
+    y = torch.randperm(N, generator=g)[:B].to(device)
+    idx = torch.randint(0, N, (B, K + 1), generator=g).to(device)
+    idx[:, 0] = y
+    return l, ab, neg, banks, idx, y
+
+
 def _logits_then_ce(scores):
     """Per-sample cross-entropy of the logits ``scores`` returns: a logits op followed by ``cross_entropy``."""
     return functools.partial(reference.iic_softmax_loss, scores=scores)
@@ -107,15 +122,7 @@ def run(cfg: Config):
     if cfg.quick:
         notes.append("nce: --quick runs (B=16, K=1024, D=512, N=9537) only")
     for B, K, D, N in configs:
-        g = torch.Generator().manual_seed(0)
-        banks = _banks(N, D, cfg.device, g)
-        # features as the backbone gives them: post-ReLU, not normalised
-        l = F.relu(torch.randn(B, D, generator=g)).to(cfg.device).requires_grad_()
-        ab = F.relu(torch.randn(B, D, generator=g)).to(cfg.device).requires_grad_()
-        neg = F.relu(torch.randn(B, D, generator=g)).to(cfg.device)
-        y = torch.randperm(N, generator=g)[:B].to(cfg.device)
-        idx = torch.randint(0, N, (B, K + 1), generator=g).to(cfg.device)
-        idx[:, 0] = y
+        l, ab, neg, banks, idx, y = step_inputs(B, K, D, N, cfg.device)
         _check(l, ab, banks, idx)
         item = banks[0].element_size()
         floor = min(3 * B * (K + 1) * D, 3 * N * D) * item + 3 * 2 * B * D * item

@@ -16,7 +16,6 @@ import contextlib
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from iic_ext import ops
@@ -40,24 +39,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _inputs(B, K, D, N, device):
-    g = torch.Generator().manual_seed(0)
-    banks = bench_nce._banks(N, D, device, g)
-    l = F.relu(torch.randn(B, D, generator=g)).to(device).requires_grad_()
-    ab = F.relu(torch.randn(B, D, generator=g)).to(device).requires_grad_()
-    neg = F.relu(torch.randn(B, D, generator=g)).to(device)
-    y = torch.randperm(N, generator=g)[:B].to(device)
-    idx = torch.randint(0, N, (B, K + 1), generator=g).to(device)
-    idx[:, 0] = y
-    return l, ab, neg, banks, idx, y
-
-
 def main(args):
     arms_wanted = args.arms.split(",")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     sort_key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     for B, K, D, N in bench_nce.CONFIGS[: args.shapes]:
-        l, ab, neg, banks, idx, y = _inputs(B, K, D, N, args.device)
+        l, ab, neg, banks, idx, y = bench_nce.step_inputs(B, K, D, N, args.device)
         for row, arms in bench_nce._arms().items():
             for arm in arms_wanted:
                 losses, update = arms[arm]
