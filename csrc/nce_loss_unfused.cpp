@@ -1,4 +1,5 @@
-// iic_softmax_loss from the scores ops and ATen, for checking the one-pass kernels.
+// iic_softmax_loss from the scores ops and ATen: the CPU op's route at many draws per bank row, and the
+// check of the one-pass CPU kernel and of the CUDA kernel.
 //
 // _iic_softmax_loss_unfused(l, ab, bank_l, bank_ab, bank_neg, idx, inv_t)
 //   -> (loss_l [B], loss_ab [B], grad_l [B, D], grad_ab [B, D]), the contract of iic_softmax_loss:
@@ -6,8 +7,9 @@
 //   loss = logsumexp(logits) - logits[:, 0] (cross-entropy, label 0), and
 //   grad = _iic_scores_backward(softmax(logits) - onehot(0)), i.e. inv_t * (sum_j p_j row_j - row_0).
 // The sampled rows are read twice (scores, then gradient), as the CUDA kernel of iic_softmax_loss
-// does (nce.cu) with its own softmax kernel in between. It runs on every device, so that the CPU
-// tests can check the one-pass CPU kernel against it and the CUDA tests the CUDA kernel.
+// does (nce.cu) with its own softmax kernel in between. The CPU op calls it when two GEMMs against the
+// whole banks beat the one-pass kernel (csrc/cpu/nce.cpp); it runs on every device, so that the tests
+// can check the one-pass CPU kernel and the CUDA kernel against it.
 #include <torch/library.h>
 
 #include "nce_checks.h"

@@ -41,11 +41,17 @@ constexpr int kChunks = 8;  // warps of a backward block, each summing one chunk
 constexpr int64_t kBackwardBlocks = 1024;  // blocks the backward aims for (several waves on any GPU)
 constexpr int64_t kMinRowsPerWarp = 16;    // fewer rows per warp than this: no further split of k
 
+// op over the warp's 32 values by a butterfly of shuffles; every lane returns the result.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
+  return warp_reduce(v, [](T a, T b) { return a + b; });
 }
 
 // A bank as the kernels see it: base pointer and strides (elements).
@@ -247,8 +253,7 @@ __global__ void sum_splits_kernel(const acc_t* __restrict__ part, acc_t* __restr
 // Block-wide reduction (kThreads threads) in a fixed order; every thread returns the result.
 template <typename T, typename Op>
 __device__ __forceinline__ T block_reduce(T v, Op op, T* shared) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
+  v = warp_reduce(v, op);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   __syncthreads();  // shared may still be read by a previous call
   if (lane == 0) shared[warp] = v;
@@ -319,16 +324,18 @@ __global__ void bank_update_kernel(bank_t* __restrict__ bank, int64_t s0, int64_
 
 unsigned int warp_blocks(int64_t warps) { return cuda::blocks_for(warps * kWarp); }
 
+// (b, 32 columns of D) tiles of the backward
+int64_t backward_tiles(int64_t B, int64_t D) { return B * cuda::ceil_div(D, kWarp); }
+
 unsigned int tile_blocks(int64_t B, int64_t D) {
-  const int64_t tiles = B * cuda::ceil_div(D, kWarp);
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(tiles, int64_t{1} << 20)));
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(backward_tiles(B, D), int64_t{1} << 20)));
 }
 
 const dim3 kTileBlock(kWarp, kChunks);
 
 // Splits of k for the backward (gridDim.y), from the shapes only.
 int64_t backward_splits(int64_t B, int64_t K, int64_t D) {
-  const int64_t tiles = B * cuda::ceil_div(D, kWarp);
+  const int64_t tiles = backward_tiles(B, D);
   if (tiles == 0) return 1;
   const int64_t by_rows = cuda::ceil_div(K, kChunks * kMinRowsPerWarp);
   return std::max<int64_t>(1, std::min({cuda::ceil_div(kBackwardBlocks, tiles), by_rows, int64_t{65535}}));
