@@ -220,11 +220,12 @@ def test_swap_time_index_cuda_checks_ranges():
 # ---- fused IIC views ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_iic_views_out_cuda_matches_cpu(aligned):
-    """out= on CUDA writes what the CPU op computes, into aligned buffers (the packed kernel) and into
-    buffers one element off alignment (the element kernel)."""
-    x = make_clip((3, 3, 8, 6, 16), torch.uint8, "cpu")
+def test_iic_views_out_cuda_matches_cpu(aligned, layout):
+    """out= on CUDA writes what the CPU op computes, into aligned buffers (the packed kernels, W-rows or
+    channels-last pixels) and into buffers one element off alignment (the element kernel)."""
+    x = make_clip((3, 3, 8, 6, 16), torch.uint8, "cpu", layout)
     idx = torch.randint(0, 8, (3, 5), generator=torch.Generator().manual_seed(6))
     want = ops.iic_views(x, idx, mean=[0.45, 0.4, 0.35], std=[0.2, 0.25, 0.3])
     shapes = [w.shape for w in want]
@@ -237,19 +238,27 @@ def test_iic_views_out_cuda_matches_cpu(aligned):
 
 
 @pytest.mark.parametrize("dtype", CLIP_DTYPES)
-@pytest.mark.parametrize("layout", LAYOUTS + ["BTHWC"])
-@pytest.mark.parametrize("shape", [(0, 3, 4, 5, 5), (1, 3, 1, 4, 4), (2, 3, 5, 7, 9), (3, 3, 16, 6, 5)])
+@pytest.mark.parametrize("layout", LAYOUTS + ["BTHWC", "BTHWC crop"])
+# W % 4 == 0 (8, 12) takes the packed kernels where the layout allows, W = 9 and 5 the element kernel
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5, 5), (1, 3, 1, 4, 4), (2, 3, 5, 7, 9), (3, 3, 16, 6, 5),
+                                   (2, 3, 5, 6, 8), (3, 3, 4, 3, 12)])
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("scaled", [True, False])
 def test_iic_views_cuda_matches_cpu(dtype, layout, shape, norm, scaled):
+    B, C, T, H, W = shape
     if layout == "BTHWC":  # decoded frames [B, T, H, W, C] seen as [B, C, T, H, W]
-        B, C, T, H, W = shape
         x = make_clip((B, T, H, W, C), dtype, "cpu").permute(0, 4, 1, 2, 3)
+    elif layout == "BTHWC crop":  # a crop of larger decoded frames: pixels packed, rows apart, odd offset
+        frames = make_clip((B, T, H + 2, W + 3, C), dtype, "cpu")
+        x = frames[:, :, 1 : H + 1, 3:].permute(0, 4, 1, 2, 3)
     else:
         x = make_clip(shape, dtype, "cpu", layout)
+    # the same view on the GPU (a crop is taken there, so its start keeps its offset)
+    x_cuda = frames.to(CUDA)[:, :, 1 : H + 1, 3:].permute(0, 4, 1, 2, 3) if layout == "BTHWC crop" else _cuda_copy(x)
+    assert x_cuda.stride() == x.stride()
     idx = torch.randint(0, shape[2], (shape[0], 6), generator=torch.Generator().manual_seed(4))
     mean, std = ([0.45, 0.4, 0.35][: shape[1]], [0.2, 0.25, 0.3][: shape[1]]) if norm else (None, None)
-    got = torch.ops.iic_ext.iic_views(_cuda_copy(x), idx.to(CUDA), mean, std, scaled, None)
+    got = torch.ops.iic_ext.iic_views(x_cuda, idx.to(CUDA), mean, std, scaled, None)
     want = torch.ops.iic_ext.iic_views(x, idx, mean, std, scaled, None)
     ref = reference.iic_views(x, idx, mean, std, scaled)
     for g, w, r in zip(got, want, ref):
@@ -332,22 +341,32 @@ def test_second_device():
 
 
 @pytest.mark.skipif(os.environ.get("IIC_EXT_LARGE_TESTS") != "1", reason="set IIC_EXT_LARGE_TESTS=1")
-def test_views_beyond_int32_indexing():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_views_beyond_int32_indexing(layout):
     free, _ = torch.cuda.mem_get_info()
     if free < 48 * 2**30:
         pytest.skip("needs ~48 GiB of free GPU memory")
-    # 2 * 32768 * 32769 > 2^31 elements: the kernels must take their 64-bit index path
-    x = torch.randint(0, 256, (1, 1, 2, 32768, 32769), dtype=torch.uint8, device=CUDA)
+    if layout == "contiguous":
+        # 2 * 32768 * 32769 > 2^31 elements: the kernels must take their 64-bit index path (W odd: the
+        # element kernels)
+        x = torch.randint(0, 256, (1, 1, 2, 32768, 32769), dtype=torch.uint8, device=CUDA)
+        mean, std = [0.5], [0.25]
+    else:
+        # decoded RGB frames, channels adjacent (the channels-last kernel): 3 * 2 * 16384 * 22000 > 2^31
+        # positions of rgb alone
+        x = torch.randint(0, 256, (1, 2, 16384, 22000, 3), dtype=torch.uint8, device=CUDA).permute(0, 4, 1, 2, 3)
+        mean, std = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
     tail = x[..., -3:, :]  # time mixes only along T, so the last rows can be checked on their own
-    r = ops.residual_frames(x)
-    torch.testing.assert_close(r[..., -3:, :], reference.residual_frames(tail))
-    del r
     idx = torch.tensor([[1, 0, 1]], device=CUDA)
-    gth = ops.temporal_gather(x, idx)
-    assert torch.equal(gth[..., -3:, :], reference.temporal_gather(tail, idx))
-    del gth
-    rgb, res, neg = ops.iic_views(x, idx, mean=[0.5], std=[0.25])
-    want = reference.iic_views(tail, idx, [0.5], [0.25])
+    if layout == "contiguous":
+        r = ops.residual_frames(x)
+        torch.testing.assert_close(r[..., -3:, :], reference.residual_frames(tail))
+        del r
+        gth = ops.temporal_gather(x, idx)
+        assert torch.equal(gth[..., -3:, :], reference.temporal_gather(tail, idx))
+        del gth
+    rgb, res, neg = ops.iic_views(x, idx, mean=mean, std=std)
+    want = reference.iic_views(tail, idx, mean, std)
     for g, w in zip((rgb, res, neg), want):
         torch.testing.assert_close(g[..., -3:, :], w)
 
