@@ -64,6 +64,18 @@ struct Norm {
   acc_t inv_std[kMaxChannels];
 };
 
+// The values the kernels write, as the CPU kernel computes them (unfused): rgb and negative
+// (v * in_scale - mean) * inv_std, residual (v - p) * res_scale + res_offset.
+template <typename acc_t>
+__device__ __forceinline__ acc_t rgb_value(acc_t v, acc_t in_scale, acc_t m, acc_t is) {
+  return mul_rn(sub_rn(mul_rn(v, in_scale), m), is);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t res_value(acc_t v, acc_t p, acc_t res_scale, acc_t res_offset) {
+  return add_rn(mul_rn(sub_rn(v, p), res_scale), res_offset);
+}
+
 // Flat position q of a [rest, T, H, W] iteration split into (w, h, t) and the index over the outer dims.
 template <typename index_t>
 struct Position {
@@ -111,13 +123,13 @@ __global__ void iic_views_kernel(const in_t* __restrict__ x, const int64_t* __re
     if (is_neg) {
       const index_t ts = static_cast<index_t>(time_index[b * static_cast<index_t>(To.divisor) + t]);
       const acc_t v = static_cast<acc_t>(x[base + ts * st]);
-      neg[i] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(v, in_scale), m), is));
+      neg[i] = static_cast<out_t>(rgb_value(v, in_scale, m, is));
     } else {
       const index_t tp = t == 0 ? static_cast<index_t>(T.divisor) - 1 : t - 1;
       const acc_t v = static_cast<acc_t>(x[base + t * st]);
       const acc_t p = static_cast<acc_t>(x[base + tp * st]);
-      rgb[i] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(v, in_scale), m), is));
-      res[i] = static_cast<out_t>(add_rn(mul_rn(sub_rn(v, p), res_scale), res_offset));
+      rgb[i] = static_cast<out_t>(rgb_value(v, in_scale, m, is));
+      res[i] = static_cast<out_t>(res_value(v, p, res_scale, res_offset));
     }
   }
 }
@@ -157,7 +169,7 @@ __global__ void iic_views_vec_kernel(const in_t* __restrict__ x, const int64_t* 
       out_pack o;
 #pragma unroll
       for (int k = 0; k < kVec; ++k)
-        o.v[k] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(static_cast<acc_t>(v.v[k]), in_scale), m), is));
+        o.v[k] = static_cast<out_t>(rgb_value(static_cast<acc_t>(v.v[k]), in_scale, m, is));
       *reinterpret_cast<out_pack*>(neg + i) = o;
     } else {
       const index_t tp = t == 0 ? static_cast<index_t>(T.divisor) - 1 : t - 1;
@@ -168,8 +180,8 @@ __global__ void iic_views_vec_kernel(const in_t* __restrict__ x, const int64_t* 
       for (int k = 0; k < kVec; ++k) {
         const acc_t vk = static_cast<acc_t>(v.v[k]);
         const acc_t pk = static_cast<acc_t>(p.v[k]);
-        r.v[k] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(vk, in_scale), m), is));
-        e.v[k] = static_cast<out_t>(add_rn(mul_rn(sub_rn(vk, pk), res_scale), res_offset));
+        r.v[k] = static_cast<out_t>(rgb_value(vk, in_scale, m, is));
+        e.v[k] = static_cast<out_t>(res_value(vk, pk, res_scale, res_offset));
       }
       *reinterpret_cast<out_pack*>(rgb + i) = r;
       *reinterpret_cast<out_pack*>(res + i) = e;
@@ -223,7 +235,7 @@ __global__ void iic_views_cl_kernel(const in_t* __restrict__ x, const int64_t* _
         out_pack o;
 #pragma unroll
         for (int k = 0; k < kVec; ++k)
-          o.v[k] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(v[k][c], in_scale), m[c]), is[c]));
+          o.v[k] = static_cast<out_t>(rgb_value(v[k][c], in_scale, m[c], is[c]));
         *reinterpret_cast<out_pack*>(neg + o0 + c * n_t * HW) = o;
       }
     } else {
@@ -243,8 +255,8 @@ __global__ void iic_views_cl_kernel(const in_t* __restrict__ x, const int64_t* _
         out_pack r, e;
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          r.v[k] = static_cast<out_t>(mul_rn(sub_rn(mul_rn(v[k][c], in_scale), m[c]), is[c]));
-          e.v[k] = static_cast<out_t>(add_rn(mul_rn(sub_rn(v[k][c], p[k][c]), res_scale), res_offset));
+          r.v[k] = static_cast<out_t>(rgb_value(v[k][c], in_scale, m[c], is[c]));
+          e.v[k] = static_cast<out_t>(res_value(v[k][c], p[k][c], res_scale, res_offset));
         }
         *reinterpret_cast<out_pack*>(rgb + o0 + c * n_t * HW) = r;
         *reinterpret_cast<out_pack*>(res + o0 + c * n_t * HW) = e;

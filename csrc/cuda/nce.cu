@@ -468,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor> iic_scores_backward_cuda(const at::Tensor& gr
           gl.const_data_ptr<acc_t>(), gab.const_data_ptr<acc_t>(), rows_of<bank_t>(bank_l), rows_of<bank_t>(bank_ab),
           neg_rows<bank_t>(bank_neg), ix.const_data_ptr<int64_t>(), pl, pab, B, K1, C, D, static_cast<acc_t>(inv_t));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (S > 1) sum_splits<acc_t>(part, out_l, &out_ab, S, stream);
+      sum_splits<acc_t>(part, out_l, &out_ab, S, stream);
     });
   }
   return {out_l.to(dtype), out_ab.to(dtype)};
