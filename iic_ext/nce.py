@@ -199,7 +199,7 @@ class NCEAverage(nn.Module):
             updated (rows y, momentum update), as the original does inside its forward.
         """
         neg, y, idx = self._parse(args, idx)
-        K, T, Z_l, Z_ab, momentum = self.hyperparams()
+        K, T, _, _, momentum = self.hyperparams()
         K = int(K)
         if idx is None:
             idx = self.sample_idx(y, K)
@@ -212,22 +212,43 @@ class NCEAverage(nn.Module):
         else:
             out_l, out_ab = nce_ops.iic_scores(l, ab, *banks, idx, inv_t)
 
-        if not self.use_softmax:
-            out_l, out_ab = torch.exp(out_l.float()), torch.exp(out_ab.float())
-            n_rows = self.memory_l.shape[0]
-            if Z_l < 0:
-                self.params[2] = out_l.mean() * n_rows
-                Z_l = self.params[2].item()
-                log.info("normalization constant Z_l is set to %.1f", Z_l)
-            if Z_ab < 0:
-                self.params[3] = out_ab.mean() * n_rows
-                Z_ab = self.params[3].item()
-                log.info("normalization constant Z_ab is set to %.1f", Z_ab)
-            out_l, out_ab = out_l / Z_l, out_ab / Z_ab
-
+        out_l, out_ab = self._outputs(out_l, out_ab)
         with torch.no_grad():
             self.update(y, l, ab, neg, momentum, undo)
         return out_l.unsqueeze(-1), out_ab.unsqueeze(-1)
+
+    def scores(self, l: torch.Tensor, ab: torch.Tensor, idx: torch.Tensor):
+        """What :meth:`forward` returns, without updating the banks (update them with :meth:`update`
+        after the backward). The backward reads the banks, so it must come before that update.
+
+        Args:
+            l, ab (Tensor[B, D]); idx (Tensor[B, K+1], int64) from :meth:`sample_idx`.
+
+        Returns:
+            (out_l, out_ab): Tensor[B, 2(K+1)] each ([B, K+1] without intra_neg): logits, or float32
+            NCE probabilities ``exp(s / T) / Z`` (Z set at the first call as forward does).
+        """
+        inv_t = 1.0 / self.hyperparams()[1]
+        out_l, out_ab = nce_ops.iic_scores(l, ab, self.memory_l, self.memory_ab, self.memory_neg, idx, inv_t)
+        return self._outputs(out_l, out_ab)
+
+    def _outputs(self, out_l, out_ab):
+        """Logits unchanged (softmax mode), or the NCE form ``exp(s / T) / Z`` with Z fixed from the first
+        batch as ``mean * N`` (the original)."""
+        if self.use_softmax:
+            return out_l, out_ab
+        _, _, Z_l, Z_ab, _ = self.hyperparams()
+        out_l, out_ab = torch.exp(out_l.float()), torch.exp(out_ab.float())
+        n_rows = self.memory_l.shape[0]
+        if Z_l < 0:
+            self.params[2] = out_l.mean() * n_rows
+            Z_l = self.params[2].item()
+            log.info("normalization constant Z_l is set to %.1f", Z_l)
+        if Z_ab < 0:
+            self.params[3] = out_ab.mean() * n_rows
+            Z_ab = self.params[3].item()
+            log.info("normalization constant Z_ab is set to %.1f", Z_ab)
+        return out_l / Z_l, out_ab / Z_ab
 
     def softmax_losses(self, l: torch.Tensor, ab: torch.Tensor, *args, idx: Optional[torch.Tensor] = None):
         """Both views' softmax losses in one fused pass, then the bank update (as :meth:`forward`).

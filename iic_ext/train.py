@@ -2,10 +2,10 @@
 
 One step, as the paper and the original ``train_ssl.py``: view 1 is the RGB clip, view 2 the chosen
 modality of the same clip (residual frames computed on the device, optical flow ``u``/``v`` from the
-dataset, or RGB itself), the intra-negative is the repeat or shuffle of view 1. One shared backbone runs
-three separate forwards in train mode (RGB, view 2, negative; the negative under ``no_grad`` because it
-only feeds the negative memory bank), the contrast (:class:`iic_ext.nce.NCEAverage`) scores each view
-against the other view's bank and the negative bank, and the two losses are summed.
+dataset, or RGB itself), the intra-negative is the repeat or shuffle of view 1. The objective
+(:mod:`iic_ext.objectives`: ``memory``, the paper's memory banks; ``moco``; ``simclr``) runs the backbone
+forwards (each view in its own forward in train mode), returns the loss (the sum of the two views'
+terms), and updates its banks, queues or key encoder after the optimiser step.
 
 Without arguments it trains a small demo on the built-in synthetic dataset (see ``DEMO_PRESET``);
 ``--dataset ucf101|hmdb51`` uses the original recipe (``ORIGINAL_PRESET``).
@@ -23,9 +23,10 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .models import MODEL_NAMES
+from .objectives import OBJECTIVES, build_objective
 from .ops import unchecked_indices
 from .utils.checkpoint import load_checkpoint, save_checkpoint
 from .utils.logging import AverageMeter, MetricWriter
@@ -34,11 +35,11 @@ from .utils.misc import EpochSampler, capture_rng_state, epoch_seed, restore_rng
 __all__ = ["get_args_parser", "resolve_args", "main", "train_one_epoch", "train_step", "build_components", "cli",
            "ORIGINAL_PRESET", "DEMO_PRESET"]
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 # The original train_ssl.py (UCF101 / HMDB51): R3D-10, res + repeat, batch 16, 240 epochs, SGD 0.01.
 ORIGINAL_PRESET = dict(
-    model="r3d", modality="res", neg="repeat", epochs=240, batch_size=16, lr=0.01, momentum=0.9,
+    objective="memory", model="r3d", modality="res", neg="repeat", epochs=240, batch_size=16, lr=0.01, momentum=0.9,
     weight_decay=1e-4, lr_schedule="multistep", milestones=[45, 90, 125, 160], lr_gamma=0.2,
     warmup_epochs=0, nce_k=1024, nce_t=0.07, nce_m=0.5, normalize_features=False, clip_len=16,
     resize=[128, 171], crop_size=112, workers=8, save_freq=40, num_videos=None, frame_size=None,
@@ -47,7 +48,7 @@ ORIGINAL_PRESET = dict(
 # Sized for a few minutes on two CPU cores; each departure from the original is explained by
 # DEMO_REASONS and printed when the preset is used.
 DEMO_PRESET = dict(
-    model="r3d", modality="res", neg="repeat", epochs=40, batch_size=16, lr=0.03, momentum=0.9,
+    objective="memory", model="r3d", modality="res", neg="repeat", epochs=40, batch_size=16, lr=0.03, momentum=0.9,
     weight_decay=1e-4, lr_schedule="cosine", milestones=[], lr_gamma=0.2, warmup_epochs=1,
     nce_k=127, nce_t=0.2, nce_m=0.5, normalize_features=True, clip_len=8, resize=[20, 20],
     crop_size=16, workers=0, save_freq=10, num_videos=128, frame_size=None,
@@ -62,8 +63,22 @@ DEMO_REASONS = {
     "lr": "warm-up and a cosine schedule over the short run",
 }
 
-# Options whose default depends on the dataset (filled by resolve_args).
-_PRESET_KEYS = tuple(ORIGINAL_PRESET)
+# The other objectives on the same recipe: what differs from the memory objective's settings.
+# moco: MoCo v2's queue of 16384 keys, MLP head and T = 0.2 (the key encoder's m = 0.999 is --moco-m);
+# simclr: SimCLR's MLP head and T = 0.1 (its negatives are the batch: no K).
+OBJECTIVE_PRESETS = {
+    "original": {
+        "moco": dict(nce_k=16384, nce_t=0.2, proj_dim=128, normalize_features=True),
+        "simclr": dict(nce_k=None, nce_t=0.1, proj_dim=128, normalize_features=True),
+    },
+    "demo": {
+        "moco": dict(nce_k=128, nce_t=0.2, proj_dim=128, normalize_features=True),
+        "simclr": dict(nce_k=None, nce_t=0.2, proj_dim=128, normalize_features=True),
+    },
+}
+
+# Options whose default depends on the dataset and the objective (filled by resolve_args).
+_PRESET_KEYS = tuple(ORIGINAL_PRESET) + ("proj_dim",)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -87,23 +102,36 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="synthetic only: render size before resizing")
 
     g = p.add_argument_group("method")
-    g.add_argument("--model", default=None, choices=["c3d", "r3d", "r21d", "r3d18"])
+    g.add_argument("--objective", default=None, choices=OBJECTIVES,
+                   help="memory: the paper's memory banks (default for ucf101/hmdb51); moco: momentum key "
+                        "encoder and key queues; simclr: in-batch NT-Xent. Each with the intra-negative")
+    g.add_argument("--model", default=None, choices=MODEL_NAMES)
+    g.add_argument("--init", default=None, metavar="PATH",
+                   help="start from these backbone weights (any checkpoint layout load_weights reads)")
     g.add_argument("--modality", default=None, choices=["rgb", "res", "u", "v"], help="view 2")
     g.add_argument("--neg", default=None, choices=["repeat", "shuffle", "none"],
                    help="intra-negative; none = CMC baseline without the negative bank")
     g.add_argument("--shuffle-mode", "--shuffle_mode", dest="shuffle_mode", default="swap",
                    choices=["swap", "permute", "reverse"])
-    g.add_argument("--nce-k", "--nce_k", dest="nce_k", type=int, default=None)
-    g.add_argument("--nce-t", "--nce_t", dest="nce_t", type=float, default=None)
-    g.add_argument("--nce-m", "--nce_m", dest="nce_m", type=float, default=None)
+    g.add_argument("--nce-k", "--nce_k", dest="nce_k", type=int, default=None,
+                   help="memory: negatives drawn per sample; moco: keys per queue")
+    g.add_argument("--nce-t", "--nce_t", dest="nce_t", type=float, default=None, help="temperature")
+    g.add_argument("--nce-m", "--nce_m", dest="nce_m", type=float, default=None,
+                   help="memory: momentum of the bank update")
+    g.add_argument("--moco-m", "--moco_m", dest="moco_m", type=float, default=0.999,
+                   help="moco: momentum of the key encoder's moving average")
+    g.add_argument("--proj-dim", "--proj_dim", dest="proj_dim", type=int, default=None,
+                   help="output size of an MLP projection head (0: none; default 0 for memory, as the "
+                        "original, 128 for moco and simclr)")
     g.add_argument("--nce-criterion", "--nce_criterion", dest="nce_criterion", action="store_true",
                    help="NCE loss (NCECriterion) instead of the softmax cross-entropy")
     g.add_argument("--normalize-features", "--normalize_features", dest="normalize_features",
                    action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise backbone features before the contrast (not in the paper; "
                         "on in the synthetic demo)")
-    g.add_argument("--feat-dim", "--feat_dim", dest="feat_dim", type=int, default=512,
-                   help="feature size (the backbones output 512)")
+    g.add_argument("--feat-dim", "--feat_dim", dest="feat_dim", type=int, default=None,
+                   help="feature size of the contrast: the backbone's (512 for the paper's models) or "
+                        "--proj-dim; given, it must equal that")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None)
@@ -137,12 +165,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset options from the dataset's preset and check the combination.
+    """Fill unset options from the dataset's and the objective's preset and check the combination.
 
     Sets ``args.preset`` (``"original"`` or ``"demo"``) and ``args.from_preset`` (names filled in).
+    Raises ValueError naming the flags of a bad combination.
     """
-    preset = DEMO_PRESET if args.dataset == "synthetic" else ORIGINAL_PRESET
-    args.preset = "demo" if preset is DEMO_PRESET else "original"
+    preset = dict(DEMO_PRESET if args.dataset == "synthetic" else ORIGINAL_PRESET)
+    args.preset = "demo" if args.dataset == "synthetic" else "original"
+    objective = getattr(args, "objective", None) or preset["objective"]
+    preset["proj_dim"] = 0
+    preset.update(OBJECTIVE_PRESETS[args.preset].get(objective, {}))
+    preset["objective"] = objective
     filled = []
     for key in _PRESET_KEYS:
         if getattr(args, key, None) is None:
@@ -152,23 +185,70 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.from_preset = filled
     if args.data_root is None and args.dataset != "synthetic":
         args.data_root = os.path.join("data", args.dataset)
-    if args.feat_dim != 512:
-        raise ValueError(f"--feat-dim {args.feat_dim}: the backbones output 512-d features (the original "
-                         f"has no projection head)")
-    if args.dataset != "synthetic" and (args.num_videos is not None or args.frame_size is not None):
-        raise ValueError("--num-videos and --frame-size apply to --dataset synthetic only")
-    for name in ("epochs", "batch_size", "nce_k", "clip_len"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive")
-    if not 0 <= args.nce_m < 1:
-        raise ValueError("--nce-m must be in [0, 1)")
+    _check_args(args, filled)
     if args.out is None:
-        args.out = os.path.join("runs", f"{args.model}_{args.modality}_{args.neg}_{args.dataset}")
+        args.out = os.path.join("runs", f"{args.model}_{args.modality}_{args.neg}_{args.dataset}"
+                                + ("" if args.objective == "memory" else f"_{args.objective}"))
         if args.resume:
             args.out = os.path.dirname(os.path.abspath(args.resume))
     if args.log_dir is None:
         args.log_dir = os.path.join(args.out, "tb")
     return args
+
+
+def _check_args(args, filled) -> None:
+    """Reject values and combinations that cannot train, naming the flags."""
+    from .models import model_spec
+
+    if args.dataset != "synthetic" and (args.num_videos is not None or args.frame_size is not None):
+        raise ValueError("--num-videos and --frame-size apply to --dataset synthetic only")
+    for name in ("epochs", "batch_size", "clip_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if args.nce_t <= 0:
+        raise ValueError(f"--nce-t must be positive, got {args.nce_t}")
+    if args.proj_dim < 0:
+        raise ValueError(f"--proj-dim must be 0 (no head) or positive, got {args.proj_dim}")
+    backbone_dim = model_spec(args.model).feature_dim
+    dim = args.proj_dim or backbone_dim
+    if args.feat_dim is None:
+        args.feat_dim = dim
+    elif args.feat_dim != dim:
+        raise ValueError(f"--feat-dim {args.feat_dim}: the contrast's features are "
+                         + (f"--proj-dim {args.proj_dim}" if args.proj_dim else
+                            f"{args.model}'s {backbone_dim}-d backbone features (no projection head; "
+                            f"--proj-dim adds one)"))
+    obj = args.objective
+    if obj == "memory":
+        if args.nce_k < 1:
+            raise ValueError("--nce-k must be positive")
+        if not 0 <= args.nce_m < 1:
+            raise ValueError("--nce-m must be in [0, 1)")
+    else:
+        given = lambda key: key not in filled  # noqa: E731
+        if args.nce_criterion:
+            raise ValueError(f"--nce-criterion is the memory objective's NCE loss; --objective {obj} uses "
+                             f"the softmax cross-entropy (InfoNCE)")
+        if given("normalize_features") and not args.normalize_features:
+            raise ValueError(f"--no-normalize-features: --objective {obj} always L2-normalises its features")
+        if given("nce_m"):
+            raise ValueError(f"--nce-m is the memory bank's momentum; --objective {obj} has no bank"
+                             + (" (the key encoder's is --moco-m)" if obj == "moco" else ""))
+    if obj == "moco":
+        if args.nce_k < args.batch_size:
+            raise ValueError(f"--objective moco: the queue (--nce-k {args.nce_k}) must hold at least one "
+                             f"batch of keys (--batch-size {args.batch_size})")
+        if args.nce_k % args.batch_size:
+            raise ValueError(f"--objective moco: --nce-k {args.nce_k} must be a multiple of --batch-size "
+                             f"{args.batch_size}, so that each step's keys take whole queue slots")
+        if not 0 <= args.moco_m < 1:
+            raise ValueError("--moco-m must be in [0, 1)")
+    if obj == "simclr":
+        if args.nce_k is not None:
+            raise ValueError("--nce-k does not apply to --objective simclr: its negatives are the batch")
+        if args.batch_size < 2:
+            raise ValueError("--objective simclr needs --batch-size of at least 2: its negatives are the "
+                             "other samples of the batch")
 
 
 # ---- building blocks --------------------------------------------------------------------------------
@@ -249,11 +329,6 @@ def _autocast(device: torch.device, args):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _positive_prob(out: torch.Tensor) -> torch.Tensor:
-    """Mean probability of the positive from NCE-path outputs [B, C(, 1)] (already probabilities)."""
-    return out.detach().reshape(out.shape[0], -1)[:, 0].float().mean()
-
-
 def make_views(batch: dict, args, negatives: Optional[_Negatives], device):
     """The step inputs from a collated batch.
 
@@ -279,51 +354,31 @@ def make_views(batch: dict, args, negatives: Optional[_Negatives], device):
     return rgb, view2, neg
 
 
-def train_step(model, contrast, criteria, optimizer, batch, args, *, negatives, device, scaler=None):
-    """One IIC step; returns a dict of detached scalars (``loss``, ``loss_1``, ``loss_2``, ``prob_1``,
-    ``prob_2``).
+def train_step(model, objective, optimizer, batch, args, *, negatives, device, scaler=None):
+    """One IIC step; returns a dict of detached scalars: ``loss`` and the objective's metrics
+    (``loss_1``, ``loss_2``, ``prob_1``, ``prob_2``, ``top1_1``, ``top1_2``, ``chance``).
 
+    The objective's state updates (banks, queues, key encoder) run after ``optimizer.step()``.
     Every index the step's ops take is valid by construction (frame indices and bank rows are drawn
     here in range) except the dataset indices, which are checked on the host before they move. On a
     GPU the ops' own range checks, one device synchronisation each, are then skipped.
     """
     index = batch["index"]
-    n_data = contrast.memory_l.shape[0]
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_data):
+    n_data = getattr(objective, "n_rows", None)
+    if n_data is not None and index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_data):
         raise IndexError(f"batch['index'] has entries outside [0, {n_data}) (the memory bank's rows): "
                          f"min {int(index.min())}, max {int(index.max())}")
     checks = contextlib.nullcontext() if device.type == "cpu" else unchecked_indices()
     with checks:
-        return _step(model, contrast, criteria, optimizer, batch, args, negatives, device, scaler)
+        return _step(model, objective, optimizer, batch, args, negatives, device, scaler)
 
 
-def _step(model, contrast, criteria, optimizer, batch, args, negatives, device, scaler):
+def _step(model, objective, optimizer, batch, args, negatives, device, scaler):
     rgb, view2, neg_clip = make_views(batch, args, negatives, device)
     index = batch["index"].to(device, non_blocking=True)
     with _autocast(device, args):
-        feat_1 = model(rgb)
-        feat_2 = model(view2) if view2 is not None else feat_1
-        feat_neg = None
-        if neg_clip is not None:
-            with torch.no_grad():  # only feeds the negative bank: no gradient, exactly
-                feat_neg = model(neg_clip)
-    feat_1, feat_2 = feat_1.float(), feat_2.float()
-    feat_neg = feat_neg.float() if feat_neg is not None else None
-    if args.normalize_features:
-        feat_1, feat_2 = F.normalize(feat_1, dim=1), F.normalize(feat_2, dim=1)
-        feat_neg = F.normalize(feat_neg, dim=1) if feat_neg is not None else None
-    feats = (feat_1, feat_2, feat_neg) if feat_neg is not None else (feat_1, feat_2)
-    if args.nce_criterion:
-        out_1, out_2 = contrast(*feats, index)
-        loss_1, loss_2 = criteria[0](out_1), criteria[1](out_2)
-        prob_1, prob_2 = _positive_prob(out_1), _positive_prob(out_2)
-    else:
-        # the softmax loss fused with the scores (criteria are NCESoftmaxLoss: the same value)
-        per_1, per_2 = contrast.softmax_losses(*feats, index)
-        loss_1, loss_2 = per_1.mean(), per_2.mean()
-        prob_1, prob_2 = torch.exp(-per_1.detach()).mean(), torch.exp(-per_2.detach()).mean()
-    loss = loss_1 + loss_2
-
+        features = objective.encode(model, rgb, view2, neg_clip)
+    loss, metrics = objective(features, index)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -332,8 +387,8 @@ def _step(model, contrast, criteria, optimizer, batch, args, negatives, device, 
     else:
         loss.backward()
         optimizer.step()
-    return {"loss": loss.detach(), "loss_1": loss_1.detach(), "loss_2": loss_2.detach(),
-            "prob_1": prob_1, "prob_2": prob_2}
+    objective.after_step(model)
+    return {"loss": loss.detach(), **metrics}
 
 
 def _set_lr(optimizer, scheduled, factor):
@@ -341,18 +396,22 @@ def _set_lr(optimizer, scheduled, factor):
         group["lr"] = lr * factor
 
 
-def train_one_epoch(model, contrast, criteria, optimizer, loader, epoch, args, *, negatives, device,
+_METRICS = ("loss", "loss_1", "loss_2", "prob_1", "prob_2", "top1_1", "top1_2", "chance")
+
+
+def train_one_epoch(model, objective, optimizer, loader, epoch, args, *, negatives, device,
                     scheduler, scaler=None, writer: Optional[MetricWriter] = None, global_step: int = 0,
                     step_callback=None):
     """Train one epoch (``epoch`` counts from 1).
 
     Returns:
-        dict: averages (``loss``, ``loss_1``, ``loss_2``, ``prob_1``, ``prob_2``), ``clips_per_s``,
-        ``time``, ``steps``, ``step_losses`` (list of float, one per step) and ``global_step``.
+        dict: averages (``loss``, ``loss_1``, ``loss_2``, ``prob_1``, ``prob_2``, ``top1_1``,
+        ``top1_2``, ``chance``), ``clips_per_s``, ``time``, ``steps``, ``step_losses`` (list of float,
+        one per step) and ``global_step``.
     """
     model.train()
-    contrast.train()
-    meters = {k: AverageMeter() for k in ("loss", "loss_1", "loss_2", "prob_1", "prob_2")}
+    objective.train()
+    meters = {k: AverageMeter() for k in _METRICS}
     step_losses = []
     steps_per_epoch = len(loader)
     warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
@@ -370,7 +429,7 @@ def train_one_epoch(model, contrast, criteria, optimizer, loader, epoch, args, *
     for i, batch in enumerate(iterator):
         factor = min(1.0, (global_step + 1) / warmup_steps) if global_step < warmup_steps else 1.0
         _set_lr(optimizer, scheduled, factor)
-        stats = train_step(model, contrast, criteria, optimizer, batch, args, negatives=negatives,
+        stats = train_step(model, objective, optimizer, batch, args, negatives=negatives,
                            device=device, scaler=scaler)
         loss = stats["loss"].item()
         if not math.isfinite(loss):
@@ -394,10 +453,14 @@ def train_one_epoch(model, contrast, criteria, optimizer, loader, epoch, args, *
                                 "train/loss_view2": stats["loss_2"].item(),
                                 "train/prob_view1": stats["prob_1"].item(),
                                 "train/prob_view2": stats["prob_2"].item(),
+                                "train/top1_view1": stats["top1_1"].item(),
+                                "train/top1_view2": stats["top1_2"].item(),
                                 "train/lr": optimizer.param_groups[0]["lr"], "train/clips_per_s": rate},
                                global_step)
             if bar is not None:
-                bar.set_postfix(loss=f"{meters['loss'].avg:.3f}", clips_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{meters['loss'].avg:.3f}",
+                                top1=f"{(meters['top1_1'].avg + meters['top1_2'].avg) / 2:.3f}",
+                                clips_s=f"{rate:.1f}")
     if bar is not None:
         bar.close()
     _set_lr(optimizer, scheduled, 1.0)  # the scheduler steps from the un-warmed value
@@ -409,36 +472,38 @@ def train_one_epoch(model, contrast, criteria, optimizer, loader, epoch, args, *
 
 
 def build_components(args, n_data: int, device) -> dict:
-    """Model, contrast, criteria, optimizer, scheduler, grad scaler and the two generators.
+    """Model, objective, optimizer, scheduler, grad scaler and the two generators.
 
     Everything random here draws from the global torch RNG (seeded by :func:`main`) except the
     negative-index and NCE-index generators, which get their own seeds from ``args.seed``.
 
     Returns:
-        dict with ``model``, ``contrast``, ``criteria`` (pair), ``optimizer``, ``scheduler``,
-        ``scaler`` (None unless fp16 on CUDA) and ``generators`` (``{"negative", "nce"}``).
+        dict with ``model``, ``objective``, ``contrast`` (the memory objective's
+        :class:`~iic_ext.nce.NCEAverage`, else None), ``optimizer``, ``scheduler``, ``scaler`` (None
+        unless fp16 on CUDA) and ``generators`` (``{"negative", "nce"}``).
     """
     from .models import build_model
-    from .nce import NCEAverage, NCECriterion, NCESoftmaxLoss
 
     model = build_model(args.model).to(device)
+    if getattr(args, "init", None):
+        from .evaluation.common import load_backbone_weights
+
+        print(f"initial backbone weights from {args.init}:")
+        load_backbone_weights(model, args.init, expected_missing="")
     neg_gen = torch.Generator().manual_seed(epoch_seed(args.seed, 0, stream=2))
     nce_gen = torch.Generator().manual_seed(epoch_seed(args.seed, 0, stream=3))
-    contrast = NCEAverage(args.feat_dim, n_data, nce_k=args.nce_k, nce_t=args.nce_t, nce_m=args.nce_m,
-                          use_softmax=not args.nce_criterion, intra_neg=args.neg != "none",
-                          generator=nce_gen).to(device)
-    nce_gen = getattr(contrast, "generator", nce_gen)
-    if args.nce_criterion:
-        criteria = (NCECriterion(n_data), NCECriterion(n_data))
-    else:
-        criteria = (NCESoftmaxLoss(), NCESoftmaxLoss())
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    objective = build_objective(args.objective, model, model.feature_dim, n_data, proj_dim=args.proj_dim,
+                                nce_k=args.nce_k, nce_t=args.nce_t, nce_m=args.nce_m, moco_m=args.moco_m,
+                                intra_neg=args.neg != "none", nce_criterion=args.nce_criterion,
+                                normalize_features=args.normalize_features, generator=nce_gen)
+    contrast = getattr(objective, "contrast", None)
+    params = list(model.parameters()) + objective.trainable_parameters()
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = build_lr_scheduler(optimizer, args)
     scaler = None
     if args.amp and device.type == "cuda" and args.amp_dtype == "fp16":
         scaler = torch.amp.GradScaler("cuda")
-    return {"model": model, "contrast": contrast, "criteria": criteria, "optimizer": optimizer,
+    return {"model": model, "objective": objective, "contrast": contrast, "optimizer": optimizer,
             "scheduler": scheduler, "scaler": scaler, "generators": {"negative": neg_gen, "nce": nce_gen}}
 
 
@@ -455,11 +520,15 @@ def _plain(value):
     return str(value)
 
 
-def make_checkpoint(model, contrast, optimizer, scheduler, scaler, epoch, global_step, args, generators):
+def make_checkpoint(model, objective, optimizer, scheduler, scaler, epoch, global_step, args, generators):
+    """The checkpoint of a run: ``model`` is the trained backbone's plain state dict (the query encoder
+    for moco), ``objective`` its name and ``contrast`` its whole state (for memory, the original's
+    ``NCEAverage`` state dict)."""
     return {
         "version": CHECKPOINT_VERSION,
         "model": model.state_dict(),
-        "contrast": contrast.state_dict(),
+        "objective": objective.name,
+        "contrast": objective.checkpoint_state(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -471,8 +540,8 @@ def make_checkpoint(model, contrast, optimizer, scheduler, scaler, epoch, global
     }
 
 
-_RESUME_MUST_MATCH = ("dataset", "split", "model", "modality", "neg", "nce_k", "nce_criterion",
-                      "batch_size", "clip_len", "num_videos")
+_RESUME_MUST_MATCH = ("dataset", "split", "objective", "model", "modality", "neg", "nce_k", "nce_criterion",
+                      "proj_dim", "batch_size", "clip_len", "num_videos")
 
 
 def _check_resume_args(saved: dict, args, path: str) -> None:
@@ -480,7 +549,10 @@ def _check_resume_args(saved: dict, args, path: str) -> None:
              if k in saved and _plain(getattr(args, k)) != saved[k]]
     if diffs:
         raise ValueError(f"{path}: cannot resume with different settings ({'; '.join(diffs)})")
-    soft = [k for k in ("lr", "epochs", "nce_t", "nce_m", "momentum", "weight_decay", "seed", "lr_schedule",
+    if "objective" not in saved and args.objective != "memory":  # written before other objectives existed
+        raise ValueError(f"{path}: cannot resume with different settings (objective: checkpoint 'memory', "
+                         f"now {args.objective!r})")
+    soft = [k for k in ("lr", "epochs", "nce_t", "nce_m", "moco_m", "momentum", "weight_decay", "seed", "lr_schedule",
                         "warmup_epochs", "normalize_features", "amp")
             if k in saved and _plain(getattr(args, k)) != saved[k]]
     if soft:
@@ -492,9 +564,17 @@ def _check_resume_args(saved: dict, args, path: str) -> None:
 
 
 def _describe(args, n_data, steps, device) -> str:
+    if args.objective == "memory":
+        contrast = (f"memory banks, K={args.nce_k}, T={args.nce_t}, m={args.nce_m}, "
+                    f"{'NCE' if args.nce_criterion else 'softmax'} loss")
+    elif args.objective == "moco":
+        contrast = f"momentum encoder (m={args.moco_m}) and key queues of {args.nce_k}, T={args.nce_t}"
+    else:
+        contrast = f"in-batch NT-Xent, T={args.nce_t}"
+    head = f", projection head to {args.proj_dim}" if args.proj_dim else ""
     lines = [f"IIC training on {args.dataset} ({n_data} videos, {steps} steps/epoch) on {device}: "
-             f"{args.model}, views rgb+{args.modality}, negative {args.neg}, K={args.nce_k}, T={args.nce_t}, "
-             f"m={args.nce_m}, {'NCE' if args.nce_criterion else 'softmax'} loss, batch {args.batch_size}, "
+             f"{args.model}, views rgb+{args.modality}, negative {args.neg}, objective {args.objective} "
+             f"({contrast}{head}), batch {args.batch_size}, "
              f"{args.epochs} epochs, lr {args.lr} ({args.lr_schedule}"
              f"{', milestones ' + str(args.milestones) if args.lr_schedule == 'multistep' else ''}"
              f"{', warm-up ' + str(args.warmup_epochs) + ' ep' if args.warmup_epochs else ''}), "
@@ -502,7 +582,8 @@ def _describe(args, n_data, steps, device) -> str:
              f"x{args.crop_size} from {args.resize[0]}x{args.resize[1]}, "
              f"features {'L2-normalised' if args.normalize_features else 'unnormalised'}, seed {args.seed}"]
     if args.preset == "demo":
-        changed = [k for k in args.from_preset if DEMO_PRESET[k] != ORIGINAL_PRESET[k]]
+        changed = [k for k in args.from_preset if k in DEMO_PRESET and DEMO_PRESET[k] != ORIGINAL_PRESET[k]
+                   and (args.objective == "memory" or k not in OBJECTIVE_PRESETS["demo"][args.objective])]
         lines.append("demo preset for the synthetic dataset (sized to finish in minutes on a CPU; "
                      "--dataset ucf101|hmdb51 uses the original recipe). Departures from the original: "
                      + ", ".join(f"{k}={getattr(args, k)}" for k in changed) + ".")
@@ -510,6 +591,17 @@ def _describe(args, n_data, steps, device) -> str:
             if k in DEMO_REASONS:
                 lines.append(f"  {k}: {DEMO_REASONS[k]}")
     return "\n".join(lines)
+
+
+def _epoch_line(epoch: int, epochs: int, stats: dict, lr: float) -> str:
+    """The epoch's summary: loss against the uniform level 2 ln(candidates), the contrastive top-1 of
+    both views against chance, the positive's probability, lr and speed."""
+    chance = stats["chance"]
+    uniform = 2 * math.log(1.0 / chance) if chance > 0 else float("nan")
+    return (f"epoch {epoch}/{epochs}  loss {stats['loss']:.4f} (view1 {stats['loss_1']:.4f}, view2 "
+            f"{stats['loss_2']:.4f}; uniform {uniform:.2f})  top1 {stats['top1_1']:.3f}/{stats['top1_2']:.3f} "
+            f"(chance {chance:.4f})  p_pos {stats['prob_1']:.3f}/{stats['prob_2']:.3f}  lr {lr:.4g}  "
+            f"{stats['clips_per_s']:.1f} clips/s  {stats['time']:.1f}s")
 
 
 def main(args: argparse.Namespace, step_callback=None) -> dict:
@@ -532,8 +624,8 @@ def main(args: argparse.Namespace, step_callback=None) -> dict:
     n_data = len(dataset)
 
     c = build_components(args, n_data, device)
-    model, contrast, criteria, optimizer, scheduler, scaler = (
-        c["model"], c["contrast"], c["criteria"], c["optimizer"], c["scheduler"], c["scaler"])
+    model, objective, optimizer, scheduler, scaler = (
+        c["model"], c["objective"], c["optimizer"], c["scheduler"], c["scaler"])
     generators = c["generators"]
     negatives = _Negatives(args.neg, args.shuffle_mode, generators["negative"]) if args.neg != "none" else None
 
@@ -543,7 +635,7 @@ def main(args: argparse.Namespace, step_callback=None) -> dict:
                                required=("model", "contrast", "optimizer", "epoch"))
         _check_resume_args(ckpt.get("args", {}), args, args.resume)
         model.load_state_dict(ckpt["model"])
-        contrast.load_state_dict(ckpt["contrast"])
+        objective.load_checkpoint_state(ckpt["contrast"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler") is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -577,13 +669,13 @@ def main(args: argparse.Namespace, step_callback=None) -> dict:
         for epoch in range(start_epoch, args.epochs + 1):
             sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
-            stats = train_one_epoch(model, contrast, criteria, optimizer, loader, epoch, args,
+            stats = train_one_epoch(model, objective, optimizer, loader, epoch, args,
                                     negatives=negatives, device=device, scheduler=scheduler, scaler=scaler,
                                     writer=writer, global_step=global_step, step_callback=step_callback)
             global_step = stats["global_step"]
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            state = make_checkpoint(model, contrast, optimizer, scheduler, scaler, epoch, global_step, args,
+            state = make_checkpoint(model, objective, optimizer, scheduler, scaler, epoch, global_step, args,
                                     generators)
             save_checkpoint(state, last)
             if args.save_freq and epoch % args.save_freq == 0:
@@ -592,11 +684,10 @@ def main(args: argparse.Namespace, step_callback=None) -> dict:
             record = {"epoch": epoch, "lr": lr, **{k: v for k, v in stats.items() if k != "step_losses"}}
             writer.log_epoch(record)
             writer.scalars({"epoch/loss": stats["loss"], "epoch/prob_view1": stats["prob_1"],
-                            "epoch/prob_view2": stats["prob_2"]}, epoch)
+                            "epoch/prob_view2": stats["prob_2"], "epoch/top1_view1": stats["top1_1"],
+                            "epoch/top1_view2": stats["top1_2"]}, epoch)
             history.append({**record, "step_losses": stats["step_losses"]})
-            print(f"epoch {epoch}/{args.epochs}  loss {stats['loss']:.4f} (view1 {stats['loss_1']:.4f}, "
-                  f"view2 {stats['loss_2']:.4f})  p_pos {stats['prob_1']:.3f}/{stats['prob_2']:.3f}  "
-                  f"lr {lr:.4g}  {stats['clips_per_s']:.1f} clips/s  {stats['time']:.1f}s", flush=True)
+            print(_epoch_line(epoch, args.epochs, stats, lr), flush=True)
     finally:
         writer.close()
     total = time.perf_counter() - t_run

@@ -292,5 +292,4 @@ def test_step_rejects_dataset_index_outside_the_bank(tmp_path):
     for bad in ([0, 1, 2, 8], [0, -1, 2, 3]):
         batch = {"rgb": clip, "index": torch.tensor(bad), "label": torch.zeros(4, dtype=torch.long)}
         with pytest.raises(IndexError, match=r"batch\['index'\] has entries outside \[0, 8\)"):
-            T.train_step(c["model"], c["contrast"], c["criteria"], c["optimizer"], batch, args, negatives=None,
-                         device=device)
+            T.train_step(c["model"], c["objective"], c["optimizer"], batch, args, negatives=None, device=device)

@@ -261,3 +261,74 @@ def bank_update_(bank: torch.Tensor, idx: torch.Tensor, feat: torch.Tensor, mome
         norm = pos.pow(2).sum(1, keepdim=True).pow(0.5)
         bank.index_copy_(0, idx, pos.div(norm))
     return bank
+
+
+# ---- objectives beyond the memory bank, written out sample by sample ---------------------------------
+
+
+def _info_nce(pos: torch.Tensor, negs: list) -> torch.Tensor:
+    """``-log(exp(pos) / (exp(pos) + sum exp(negs)))`` for one anchor, from its logits."""
+    logits = torch.stack([pos] + list(negs))
+    return -(pos - torch.logsumexp(logits, 0))
+
+
+def moco_losses(q1, q2, k1, k2, kneg, queue_1, queue_2, queue_neg, filled: int, temperature: float):
+    """Cross-view MoCo with intra-negatives, one sample and one queue slot at a time.
+
+    For sample b, view 1's query ``q1[b]`` has the positive ``k2[b]`` and the negatives: the first
+    ``filled`` slots of view 2's key queue, the same slots of the negative-key queue and its own
+    negative's key ``kneg[b]``; view 2 the same with the roles of the views swapped. Every vector is
+    L2-normalised here first (the objective normalises its features and keys).
+
+    Args:
+        q1, q2, k1, k2 (Tensor[B, D]); kneg (Tensor[B, D] or None); queue_1, queue_2 (Tensor[K, D]);
+        queue_neg (Tensor[K, D] or None); filled: the slots holding keys.
+
+    Returns:
+        (loss_1, loss_2): Tensor[B] each, the per-sample InfoNCE of the two query views.
+    """
+    n = torch.nn.functional.normalize
+    q1, q2, k1, k2 = n(q1, dim=1), n(q2, dim=1), n(k1, dim=1), n(k2, dim=1)
+    kneg = None if kneg is None else n(kneg, dim=1)
+    out = []
+    for q, k_pos, queue in ((q1, k2, queue_2), (q2, k1, queue_1)):
+        per = []
+        for b in range(q.shape[0]):
+            negs = [torch.dot(q[b], queue[j]) / temperature for j in range(filled)]
+            if queue_neg is not None:
+                negs += [torch.dot(q[b], queue_neg[j]) / temperature for j in range(filled)]
+            if kneg is not None:
+                negs.append(torch.dot(q[b], kneg[b]) / temperature)
+            per.append(_info_nce(torch.dot(q[b], k_pos[b]) / temperature, negs))
+        out.append(torch.stack(per))
+    return out[0], out[1]
+
+
+def simclr_losses(z1, z2, zneg, temperature: float):
+    """NT-Xent across two views with the batch's intra-negatives, one anchor at a time.
+
+    Anchor ``z1[i]``: positive ``z2[i]``; negatives ``z1[j]`` and ``z2[j]`` for every other sample j and
+    ``zneg[j]`` for every sample j (its own included). Anchor ``z2[i]`` likewise with ``z1[i]`` as the
+    positive. Vectors are L2-normalised first.
+
+    Args:
+        z1, z2 (Tensor[B, D]); zneg (Tensor[B, D] or None).
+
+    Returns:
+        (loss_1, loss_2): Tensor[B] each, the per-anchor losses of view-1 and view-2 anchors.
+    """
+    n = torch.nn.functional.normalize
+    z1, z2 = n(z1, dim=1), n(z2, dim=1)
+    zneg = None if zneg is None else n(zneg, dim=1)
+    B = z1.shape[0]
+    out = []
+    for anchors, positives in ((z1, z2), (z2, z1)):
+        per = []
+        for i in range(B):
+            a = anchors[i]
+            negs = [torch.dot(a, v[j]) / temperature for j in range(B) if j != i for v in (z1, z2)]
+            if zneg is not None:
+                negs += [torch.dot(a, zneg[j]) / temperature for j in range(B)]
+            per.append(_info_nce(torch.dot(a, positives[i]) / temperature, negs))
+        out.append(torch.stack(per))
+    return out[0], out[1]
