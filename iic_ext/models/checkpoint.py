@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "load_weights", "extract_state_dict"]
+__all__ = ["CheckpointError", "load_weights", "extract_state_dict", "classifier_prefix"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,35 @@ _CLASSIFIER_PREFIX = "linear."
 
 class CheckpointError(RuntimeError):
     """A checkpoint file could not be read or does not fit the model."""
+
+
+def classifier_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the model's classifier: ``linear.`` (the original nets), ``fc.``, ``logits.``."""
+    arch = getattr(model, "arch", None)
+    if arch is not None:
+        from .registry import MODELS
+
+        if arch in MODELS:
+            return MODELS[arch].classifier + "."
+    return _CLASSIFIER_PREFIX
+
+
+def _check_architecture(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """One error naming both architectures when ``sd`` is a whole state dict of another backbone."""
+    from .registry import detect_architecture
+
+    found = detect_architecture(sd)
+    if found is None:
+        return
+    # compared by key structure, so e.g. r3d built with layer_sizes=(2, 2, 2, 2) takes r3d18 weights
+    own = detect_architecture(model.state_dict())
+    if own is None or own == found:
+        return
+    name = getattr(model, "arch", own)
+    sample = ", ".join(k for k in list(sd)[:3])
+    article = "a" if found.startswith("c") else "an"  # "a c3d", "an r3d", "an i3d", "an s3dg"
+    raise CheckpointError(f"{source} holds {article} {found} state dict ({sample}, ...; {len(sd)} tensors), the model "
+                          f"is {name}: build the model with --model {found} or give a {name} checkpoint")
 
 
 def _read(path: str | os.PathLike, weights_only: bool) -> Any:
@@ -95,25 +124,33 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, 
 
 
 def load_weights(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
-                 strict: bool = False, weights_only: bool = True) -> tuple[list[str], list[str]]:
+                 strict: bool = False, weights_only: bool = True,
+                 new_head: bool = False) -> tuple[list[str], list[str]]:
     """Load backbone weights, reporting every key that does not match.
 
     Args:
-        model (nn.Module): the backbone (C3D, R3DNet, R2Plus1DNet).
+        model (nn.Module): the backbone (any model of :func:`~iic_ext.models.build_model`, or one of
+            the classes).
         path_or_state_dict (str | PathLike | Mapping): a checkpoint file or an already loaded object in
             any layout listed in the module docstring.
         strict (bool): raise :class:`CheckpointError` if any key is missing or unexpected.
         weights_only (bool): passed to ``torch.load``; ``argparse.Namespace`` is allowed in any case.
+        new_head (bool): fine-tuning: checkpoint classifier tensors whose shapes differ from the model's
+            (e.g. 400 Kinetics classes into a 101-class model) are dropped and reported as unexpected,
+            instead of a shape mismatch, leaving the model's new head at its initialisation.
 
     Returns:
         (missing, unexpected): model keys absent from the checkpoint, checkpoint keys the model lacks.
-        Missing classifier keys (``linear.*``, expected when fine-tuning from self-supervised weights)
-        are logged at INFO; all other mismatches are warned.
+        Missing classifier keys (``linear.*``, ``fc.*`` or ``logits.*`` by the model's registry entry,
+        expected when fine-tuning from self-supervised weights) are logged at INFO; all other mismatches
+        are warned.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        CheckpointError: unreadable/corrupt file (message names the file), no state dict in it, a shape
-            mismatch (message names the key and both shapes), or a key mismatch with ``strict=True``.
+        CheckpointError: unreadable/corrupt file (message names the file), no state dict in it, a state
+            dict of another architecture (message names both, see
+            :func:`~iic_ext.models.detect_architecture`), a shape mismatch (message names the key and both
+            shapes), or a key mismatch with ``strict=True``.
     """
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = os.fspath(path_or_state_dict)
@@ -122,9 +159,19 @@ def load_weights(model: nn.Module, path_or_state_dict: str | os.PathLike | Mappi
         source = "state dict"
         obj = path_or_state_dict
     sd, dropped = extract_state_dict(obj, source)
+    _check_architecture(model, sd, source)
 
     own = model.state_dict()
-    missing = [k for k in own if k not in sd]
+    if new_head:
+        head = classifier_prefix(model)
+        stale = [k for k in sd if k.startswith(head) and k in own and sd[k].shape != own[k].shape]
+        if stale:
+            logger.info("%s: classifier keys of another shape dropped for the new head: %s", source, stale)
+        dropped = dropped + stale
+        sd = {k: v for k, v in sd.items() if k not in stale}
+    # Checkpoints written before torch 0.4.1 (e.g. the I3D port's) have no BN counters; torch fills them.
+    missing = [k for k in own if k not in sd and not (
+        k.endswith(".num_batches_tracked") and k[: -len("num_batches_tracked")] + "running_mean" in sd)]
     unexpected = [k for k in sd if k not in own] + dropped
     mismatched = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
                   if k in sd and sd[k].shape != own[k].shape]
@@ -139,8 +186,9 @@ def load_weights(model: nn.Module, path_or_state_dict: str | os.PathLike | Mappi
 
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
-    head_missing = [k for k in missing if k.startswith(_CLASSIFIER_PREFIX)]
-    other_missing = [k for k in missing if not k.startswith(_CLASSIFIER_PREFIX)]
+    head = classifier_prefix(model)
+    head_missing = [k for k in missing if k.startswith(head)]
+    other_missing = [k for k in missing if not k.startswith(head)]
     if head_missing:
         logger.info("%s: classifier keys not in checkpoint, left at initialisation: %s", source, head_missing)
     if other_missing:
