@@ -58,9 +58,14 @@ def _check_architecture(model: nn.Module, sd: Mapping[str, torch.Tensor], source
         return
     name = getattr(model, "arch", own)
     sample = ", ".join(k for k in list(sd)[:3])
-    article = "a" if found.startswith("c") else "an"  # "a c3d", "an r3d", "an i3d", "an s3dg"
-    raise CheckpointError(f"{source} holds {article} {found} state dict ({sample}, ...; {len(sd)} tensors), the model "
-                          f"is {name}: build the model with --model {found} or give a {name} checkpoint")
+    raise CheckpointError(f"{source} holds {_article(found)} {found} state dict ({sample}, ...; {len(sd)} tensors), "
+                          f"the model is {name}: build the model with --model {found} or give "
+                          f"{_article(name)} {name} checkpoint")
+
+
+def _article(name: str) -> str:
+    # as read aloud: "a c3d", "an r3d", "an i3d", "an s3dg", "an mc3_18"
+    return "a" if name.startswith("c") else "an"
 
 
 def _read(path: str | os.PathLike, weights_only: bool) -> Any:
