@@ -35,6 +35,7 @@ from .evaluation.common import (build_backbone, build_eval_dataset, describe_dep
                                 load_backbone_weights, resolve_common, select_device)
 from .evaluation.features import clip_input, needed_modalities
 from .evaluation.io import write_json
+from .models.registry import MODEL_NAMES, MODELS, model_spec
 from .utils.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["get_args_parser", "resolve_args", "main", "run_split", "train_one_epoch", "evaluate",
@@ -92,7 +93,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None)
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, choices=["c3d", "r3d", "r21d", "r3d18"])
+    g.add_argument("--model", default=None, choices=MODEL_NAMES)
     g.add_argument("--ckpt", default=None,
                    help="train: self-supervised weights ('none' = from scratch); test: the fine-tuned model "
                         "(default <out>/best.pth)")
@@ -170,8 +171,17 @@ def _seed_all(seed: int) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
-    """SGD with the original two groups: conv4, conv5 and the classifier at ``ft_lr``, the rest at ``lr``."""
+    """SGD with the original two groups: conv4, conv5 and the classifier at ``ft_lr``, the rest at ``lr``.
+
+    For the other backbones the late group is their last two stages and classifier
+    (``ModelSpec.late_layers``: ``layer3``, ``layer4``, ``fc``; ``Mixed_4*``, ``Mixed_5*``, ``logits``...).
+    """
+    arch = getattr(model, "arch", None)
+    prefixes = MODELS[arch].late_layers if arch in MODELS else None
+
     def late(name):
+        if prefixes is not None:
+            return name.startswith(prefixes)
         return "linear" in name or "conv5" in name or "conv4" in name
 
     named = list(model.named_parameters())
@@ -314,7 +324,8 @@ def run_split(args, split: int, device, out: str) -> Dict[str, Any]:
 
     if args.mode == "train":
         if args.ckpt:
-            load_backbone_weights(model, args.ckpt, expected_missing="linear.", strict=args.strict)
+            # the new classifier (linear, fc or logits by model) is the expected missing part
+            load_backbone_weights(model, args.ckpt, strict=args.strict)
         model.to(device)
         full = build_eval_dataset(args, train=True, modalities=modalities, clips_per_video=1, split=split,
                                   augment=True)
@@ -413,7 +424,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
           f"device {device}")
     print(f"  {init}")
     if args.mode == "train":
-        print(f"  SGD lr {args.lr} (conv4/conv5/linear {args.ft_lr}), momentum {args.momentum}, wd "
+        late = "/".join(model_spec(args.model).late_layers)  # conv4/conv5/linear for the original nets
+        print(f"  SGD lr {args.lr} ({late} {args.ft_lr}), momentum {args.momentum}, wd "
               f"{args.weight_decay}, batch {args.batch_size}, {args.epochs} epochs, ReduceLROnPlateau(patience "
               f"{args.patience}, factor {args.lr_factor}, min {args.min_lr})")
     if args.dataset == "synthetic" and describe_departures(args, ORIGINAL_FT):

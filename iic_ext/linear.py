@@ -1,6 +1,7 @@
 """Linear probe and kNN on frozen features: ``python -m iic_ext.linear``.
 
-The backbone is frozen; each video's feature is the 512-d average-pooled feature (``--feature pool``,
+The backbone is frozen; each video's feature is the average-pooled feature (``--feature pool``, 512-d or
+1024-d by model,
 default; ``conv`` for the retrieval feature) averaged over its clips, extracted once and cached with
 the retrieval features. A multinomial logistic regression (a torch linear layer on z-scored features,
 L-BFGS by default) is trained on the training list and tested on the test list; the weight decay is
@@ -19,7 +20,7 @@ from typing import Any, Dict
 
 import torch
 
-from .evaluation.common import describe_init, select_device
+from .evaluation.common import describe_init, feature_description, select_device
 from .evaluation.io import write_json
 from .evaluation.probe import accuracy, fit_logistic, select_weight_decay, standardize
 from .evaluation.retrieval import knn_classify
@@ -56,7 +57,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     args = resolve_retrieval(args)
     device = select_device(args.device, args.gpu)
     print(f"Linear probe on {args.dataset} split {args.split}: {args.model}, input {args.modality}"
-          f"{' + rgb (merged)' if args.merge else ''}, feature {'512-d pool' if args.feature == 'pool' else 'pooled conv5'}"
+          f"{' + rgb (merged)' if args.merge else ''}, feature {feature_description(args.model, args.feature)}"
           f", {args.clips_per_video} clips/video, device {device}")
     print(f"  {describe_init(args)}")
     t0 = time.time()

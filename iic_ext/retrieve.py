@@ -24,11 +24,13 @@ from typing import Any, Dict, Optional
 import torch
 
 from .evaluation.common import (build_backbone, build_eval_dataset, describe_departures, describe_init,
-                                load_backbone_weights, resolve_common, select_device, str2bool)
+                                feature_description, load_backbone_weights, resolve_common, select_device,
+                                str2bool)
 from .evaluation.features import FeatureCache, extract_features, file_fingerprint, needed_modalities
 from .evaluation.io import write_json
 from .evaluation.plot import plot_topk
 from .evaluation.retrieval import DEFAULT_KS, knn_classify, topk_retrieval
+from .models.registry import MODEL_NAMES
 
 __all__ = ["get_args_parser", "resolve_args", "main", "video_features", "cli"]
 
@@ -64,7 +66,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=None, help="data loading workers")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, choices=["c3d", "r3d", "r21d", "r3d18"])
+    g.add_argument("--model", default=None, choices=MODEL_NAMES)
     g.add_argument("--ckpt", default=None, help="self-supervised checkpoint; 'none' forces random init")
     g.add_argument("--seed", type=int, default=632, help="seed of the random init")
     g.add_argument("--strict", action="store_true", help="fail on any key mismatch when loading --ckpt")
@@ -72,7 +74,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--merge", type=str2bool, nargs="?", const=True, default=False,
                    help="concatenate the RGB feature with the modality's (--merge or --merge=True)")
     g.add_argument("--feature", default="conv", choices=["conv", "pool"],
-                   help="conv: pooled conv5 map (the original); pool: the 512-d average-pooled feature")
+                   help="conv: the pooled last conv map (the original's conv5 feature; each model's in "
+                        "iic_ext.models.MODELS); pool: the average-pooled feature (512-d, 1024-d for i3d/s3dg)")
 
     g = p.add_argument_group("retrieval")
     g.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
@@ -208,7 +211,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 def _run(args, device) -> Dict[str, Any]:
     view = f"{args.modality}{' + rgb (merged)' if args.merge else ''}"
     print(f"Retrieval on {args.dataset} split {args.split}: {args.model}, input {view}, feature "
-          f"{'pooled conv5' if args.feature == 'conv' else '512-d pool'}, {args.clips_per_video} clips/video "
+          f"{feature_description(args.model, args.feature)}, {args.clips_per_video} clips/video "
           f"of {args.clip_len}x{args.crop_size}x{args.crop_size} (from {args.resize[0]}x{args.resize[1]}), "
           f"device {device}")
     print(f"  {describe_init(args)}")

@@ -12,7 +12,7 @@ from torch import nn
 
 __all__ = ["DEFAULT_SSL_CHECKPOINT", "ORIGINAL_EVAL", "SYNTHETIC_EVAL", "str2bool", "select_device",
            "checkpoint_args", "resolve_common", "build_eval_dataset", "build_backbone", "report_keys",
-           "describe_init", "describe_departures", "load_backbone_weights"]
+           "describe_init", "describe_departures", "load_backbone_weights", "feature_description"]
 
 # The checkpoint of ``python -m iic_ext.train`` run without arguments (R3D-10, res, repeat, synthetic).
 DEFAULT_SSL_CHECKPOINT = os.path.join("runs", "r3d_res_repeat_synthetic", "last.pth")
@@ -148,6 +148,15 @@ def build_backbone(name: str, *, return_conv: bool = False, with_classifier: boo
                        return_conv=return_conv)
 
 
+def feature_description(model_name: str, feature: str) -> str:
+    """``"pooled conv5"`` style label of a ``--feature`` choice, with the model's pooled-feature size."""
+    from ..models import model_spec
+
+    spec = model_spec(model_name)
+    # the retrieval line starts with the layer it pools: conv5, conv5b, Mixed_5c, layer4
+    return f"pooled {spec.retrieval.split()[0]}" if feature == "conv" else f"{spec.feature_dim}-d pool"
+
+
 def report_keys(missing: Sequence[str], unexpected: Sequence[str], expected_missing: str = "linear.",
                 strict: bool = False, source: str = "checkpoint", stream=None) -> None:
     """Print every key mismatch of a weight load; raise with ``strict`` on an unexpected mismatch.
@@ -172,19 +181,28 @@ def report_keys(missing: Sequence[str], unexpected: Sequence[str], expected_miss
                            f"{len(unexpected)} unexpected {unexpected[:5]}")
 
 
-def load_backbone_weights(model: nn.Module, path: str, *, expected_missing: str = "linear.",
+def load_backbone_weights(model: nn.Module, path: str, *, expected_missing: Optional[str] = None,
                           strict: bool = False, stream=None):
     """Load ``path`` into ``model`` with :func:`iic_ext.models.load_weights`, printing the mismatches.
+
+    Args:
+        expected_missing (str | None): prefix of the keys expected to be missing; None: the model's
+            classifier (``linear.``, ``fc.`` or ``logits.``), whose checkpoint tensors of another shape
+            are then dropped (a new head); ``""``: none.
 
     Returns:
         (missing, unexpected) key lists.
     """
     from ..models import load_weights
+    from ..models.checkpoint import classifier_prefix
 
+    new_head = expected_missing is None
+    if new_head:
+        expected_missing = classifier_prefix(model)
     with warnings.catch_warnings():
         # Printed by report_keys in a fuller form.
         warnings.simplefilter("ignore")
-        missing, unexpected = load_weights(model, path, strict=False)
+        missing, unexpected = load_weights(model, path, strict=False, new_head=new_head)
     n_model = len(model.state_dict())
     if len(missing) == n_model:
         raise RuntimeError(f"{path}: no tensor of the checkpoint matches the model (wrong --model?); "
