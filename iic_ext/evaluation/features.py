@@ -1,8 +1,8 @@
 """Video-level features for retrieval, kNN and linear probes, with an on-disk cache.
 
 A video's feature is the mean over its clips (``clips_per_video`` clips at linspace positions, centre
-crop) of the backbone output on each clip: the pooled conv5 map (``return_conv=True``) or the 512-d
-average-pooled feature. With ``merge`` the RGB feature and the modality's feature are concatenated per
+crop) of the backbone output on each clip: the pooled last conv map (``return_conv=True``, each model's
+``ModelSpec.retrieval``) or the average-pooled feature (``model.feature_dim``: 512, 1024 for I3D and S3D-G). With ``merge`` the RGB feature and the modality's feature are concatenated per
 clip (no per-part normalisation, as the original ``retrieve_clips.py``).
 """
 from __future__ import annotations

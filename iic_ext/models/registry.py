@@ -241,13 +241,13 @@ def detect_architecture(state_dict: Mapping[str, torch.Tensor], min_overlap: flo
     own = _body(state_dict)
     if not own:
         return None
-    best, best_score = None, (min_overlap, -1.0)
+    best, best_score = None, (-1.0, -1.0)
     for name in MODELS:
         ref = dict(_reference_keys(name))
         shared = own.keys() & ref.keys()
         jaccard = len(shared) / len(own.keys() | ref.keys())
         same_shape = sum(own[k] == ref[k] for k in shared) / max(len(shared), 1)
         score = (jaccard, same_shape)
-        if score > best_score or (best is None and jaccard >= min_overlap and score >= best_score):
+        if jaccard >= min_overlap and score > best_score:
             best, best_score = name, score
     return best
