@@ -41,6 +41,7 @@ class Config:
     device_name: str = ""
     compile_budget: int = 1_000_000  # torch.compile arms still allowed in this run
     warmup: int = 2
+    models: tuple = ()  # step group: the backbones of its per-model rows (empty: all)
     log: Callable[[str], None] = print
 
     def sync(self):

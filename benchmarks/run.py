@@ -32,6 +32,8 @@ def get_args_parser():
     p.add_argument("--repeats", type=int, default=None, help="interleaved blocks per arm (default 5 quick, 11 full)")
     p.add_argument("--out", default=RESULTS, help="results folder")
     p.add_argument("--check", action="store_true", help="only check that the baselines match the reference")
+    p.add_argument("--models", default=None,
+                   help="step group: comma-separated backbones for its per-model rows (default: every registered one)")
     return p
 
 
@@ -48,6 +50,7 @@ def run_device(args, device: str, groups, commit=None) -> list:
         block_s=0.02 if args.quick else 0.1,
         compile_budget=1 if args.quick else 1_000_000,
         warmup=1 if args.quick else 2,
+        models=tuple(m for m in (args.models or "").split(",") if m),
     )
     cfg.device_name = harness.device_name(device)
     cfg.bandwidth_gbps = harness.measure_bandwidth(cfg)

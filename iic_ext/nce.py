@@ -6,6 +6,13 @@ the original ``lib/NCEAverage.py`` returns for the same banks and indices. The s
 fused op (:func:`iic_ext.ops.iic_scores`) and the three bank updates from :func:`iic_ext.ops.bank_update_`.
 For training with the softmax loss, :meth:`NCEAverage.softmax_losses` goes one step further: the loss
 and its gradient in one pass (:func:`iic_ext.ops.iic_softmax_loss`).
+
+The trainer does not call :meth:`NCEAverage.forward`: its objective
+(:class:`iic_ext.objectives.MemoryObjective`) scores with :meth:`NCEAverage.scores` or the fused loss and
+updates the banks with :meth:`NCEAverage.update` after the optimiser step. ``forward`` keeps the
+original's API for code ported from it: it updates the banks in place before the caller's backward,
+and only for that order the backward needs the banks as they were (``_Undo`` records the changed rows'
+old-minus-new values, O(B D), instead of a copy of the sampled rows, O(B K D)).
 """
 import logging
 import math

@@ -86,3 +86,38 @@ def test_nce_profile_reports_host_and_kernel_time():
     lines = [ln for ln in got.stdout.splitlines() if ln.startswith("== ")]
     assert len(lines) == 2 and all("enqueue" in ln and "total" in ln for ln in lines)  # the two rows' fused arms
     assert "iic_ext::iic_scores" in got.stdout and "iic_ext::iic_softmax_loss" in got.stdout
+
+
+@pytest.mark.slow
+def test_step_group_runs_the_trainers_step_for_every_objective(tmp_path):
+    """``--only step``: one row per objective (the trainer's own step on the fused ops against the same
+    step on the reference ops) and one per backbone asked for, with the rows' schema."""
+    from benchmarks import run
+
+    args = run.get_args_parser().parse_args(
+        ["--quick", "--only", "step", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path),
+         "--models", "r3d,c3d"])
+    assert run.main(args) == 0
+    rows = json.loads((tmp_path / "cpu.json").read_text())
+    assert {(r["objective"], r["model"]) for r in rows} == {("memory", "r3d"), ("moco", "r3d"), ("simclr", "r3d"),
+                                                          ("memory", "c3d")}
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["group"] == "step" and r["reference"] == "original"
+        assert r["fused_ms"] > 0 and r["reference_ms"] > 0
+    memory = next(r for r in rows if r["objective"] == "memory" and r["model"] == "r3d")
+    assert set(memory["op_share"]["fused"]) == {"views", "nce"}
+
+
+def test_demo_table_rows_and_the_seed_summary():
+    from benchmarks import demo_objectives
+
+    def row(name, seed, t1, r1):
+        return {"name": name, "seed": seed, "loss": 9.5, "uniform": 11.09, "top1_contrastive": t1, "chance": 1 / 256,
+                "first_top1_contrastive": 0.0, "retrieval": {1: r1, 5: 0.6, 10: 0.7},
+                "random_init": {1: 0.2, 5: 0.3, 10: 0.4}, "train_s": 200.0}
+
+    md = demo_objectives.markdown([row("memory (default)", 632, 0.1, 0.4), row("memory (default)", 1, 0.1, 0.3),
+                                   row("moco", 632, 0.05, 0.25)])
+    assert md.count("\n| memory (default) |") == 2 and md.count("\n| moco |") == 1
+    assert "retrieval top-1 35.0 (range 30.0-40.0) against random init 20.0 (20.0-20.0): 1.75x, +15.0 points" in md

@@ -191,13 +191,34 @@ def test_memory_objective_matches_reference_and_updates_after_the_step(intra_neg
         if b0 is not None:
             torch.testing.assert_close(bank, reference.bank_update_(b0.clone(), y, f.detach(), mom))
     s_l, _ = reference.iic_scores(l.detach(), ab.detach(), *banks0, want_idx, 1 / t)
-    assert m["top1_1"] == top1(s_l)
+    copies = torch.zeros(s_l.shape, dtype=torch.bool)
+    copies[:, 1:K + 1] = want_idx[:, 1:] == y[:, None]
+    assert m["top1_1"] == top1(s_l, exclude=copies)
 
 
-def test_top1_is_the_first_maximum():
-    logits = torch.tensor([[3.0, 1.0, 3.0], [0.0, 2.0, 1.0], [5.0, 4.0, 1.0]])
-    assert top1(logits).item() == pytest.approx(2 / 3)  # a tie with column 0 counts for the positive
-    assert top1(logits, torch.tensor([2, 1, 1])).item() == pytest.approx(1 / 3)
+def test_top1_counts_a_strict_first_place():
+    logits = torch.tensor([[3.0, 1.0, 3.0], [0.0, 2.0, 1.0], [5.0, 4.0, 1.0], [1.0, 1.0, 1.0]])
+    assert top1(logits).item() == pytest.approx(1 / 4)  # a tie (rows 0 and 3) counts against the positive
+    assert top1(logits, torch.tensor([2, 1, 1, 0])).item() == pytest.approx(1 / 4)
+    exclude = torch.zeros(4, 3, dtype=torch.bool)
+    exclude[0, 2] = True  # row 0's tie is a copy of its positive
+    assert top1(logits, exclude=exclude).item() == pytest.approx(2 / 4)
+
+
+def test_memory_top1_ignores_copies_of_the_positive_row():
+    """A bank row drawn again among the negatives scores like the positive: not a rival of it."""
+    torch.manual_seed(0)
+    obj = MemoryObjective(4, 3, nce_k=6, nce_t=0.1, intra_neg=False, generator=torch.Generator().manual_seed(0))
+    c = obj.contrast
+    c.memory_ab.copy_(torch.eye(3, 4))
+    c.memory_l.copy_(torch.eye(3, 4))
+    y = torch.tensor([0, 1])
+    feats = torch.eye(3, 4)[:2].clone()  # each sample aligned with its own bank row
+    _, m = obj(StepFeatures(feats, feats), y)
+    idx = torch.Generator().manual_seed(0)
+    drawn = torch.randint(0, 3, (2, 7), generator=idx)
+    assert (drawn[:, 1:] == y[:, None]).any()  # the draw does contain copies
+    assert m["top1_1"].item() == 1.0 and m["top1_2"].item() == 1.0
 
 
 def test_projection_head_and_feature_sizes():
@@ -208,9 +229,9 @@ def test_projection_head_and_feature_sizes():
     z = obj.embed(backbone, torch.randn(2, 3))
     assert z.shape == (2, 4)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(2))
-    assert len(obj.trainable_parameters()) == 4
+    assert len(obj.trainable_parameters()) == 6  # Linear, BatchNorm1d, Linear
     moco = build_objective("moco", backbone, 10, 5, proj_dim=4, nce_k=8, nce_t=0.1)
-    assert moco.queue_1.shape == (8, 4) and len(moco.trainable_parameters()) == 4  # key encoder frozen
+    assert moco.queue_1.shape == (8, 4) and len(moco.trainable_parameters()) == 6  # key encoder frozen
     mem = build_objective("memory", backbone, 10, 5, nce_k=3)
     assert mem.contrast.memory_l.shape == (5, 10) and isinstance(mem.head, nn.Identity)
 
@@ -325,3 +346,46 @@ def test_memory_with_projection_head_trains_and_resumes_its_head(tmp_path):
     assert ck["contrast"]["memory_l"].shape[1] == 8 and "head.0.weight" in ck["contrast"]
     resumed = T.main(parse(argv[:-4] + ["--epochs", "2", "--out", str(tmp_path / "m"), "--resume", res["last"]]))
     assert [h["epoch"] for h in resumed["history"]] == [2]
+
+
+@pytest.mark.parametrize("objective", ["moco", "simclr"])
+def test_evaluation_commands_take_the_trained_encoder(tmp_path, capsys, objective):
+    """retrieve / linear / finetune read the checkpoint's ``model`` (the query encoder for moco): every
+    backbone key matches, and the features are the trained encoder's, not the key encoder's."""
+    from iic_ext import finetune, linear, retrieve
+    from iic_ext.models import build_model
+
+    res = T.main(parse(_tiny(objective) + ["--epochs", "1", "--out", str(tmp_path / "ssl")]))
+    ck = torch.load(res["last"], weights_only=True)
+    clip = ["--clip-len", "4", "--resize", "32", "32", "--crop-size", "32", "--workers", "0", "--no-progress"]
+    data = ["--num-videos", "8", "--num-test-videos", "4", "--clips-per-video", "2"]
+    r = retrieve.cli(clip + data + ["--ckpt", res["last"], "--out", str(tmp_path / "ret"), "--no-plot",
+                                    "--feature-dir", str(tmp_path / "f"), "--feature", "pool"])
+    assert "all backbone keys matched" in capsys.readouterr().out
+    assert 0 <= r["top1"] <= 1
+    lp = linear.cli(clip + data + ["--ckpt", res["last"], "--out", str(tmp_path / "lin"), "--wd", "1e-2",
+                                   "--feature-dir", str(tmp_path / "f2")])
+    assert 0 <= lp["linear_acc"] <= 1
+    ft = finetune.cli(clip + data + ["--ckpt", res["last"], "--epochs", "1", "--batch-size", "4",
+                                     "--out", str(tmp_path / "ft"), "--save-freq", "0"])
+    assert 0 <= ft["test_acc"] <= 1
+    if objective == "moco":  # the key encoder is a different network after a step (its moving average)
+        key = {k[len("key_backbone."):]: v for k, v in ck["contrast"].items() if k.startswith("key_backbone.")}
+        assert any(not torch.equal(key[k], v) for k, v in ck["model"].items() if v.is_floating_point())
+        build_model("r3d").load_state_dict(key, strict=True)
+
+
+def test_init_starts_from_given_backbone_weights(tmp_path, capsys):
+    from iic_ext.models import build_model
+
+    torch.manual_seed(3)
+    src = build_model("r3d")
+    torch.save({"model": src.state_dict()}, tmp_path / "init.pth")
+    args = parse(_tiny("simclr") + ["--epochs", "1", "--out", str(tmp_path / "a"), "--init", str(tmp_path / "init.pth")])
+    c = T.build_components(args, 8, torch.device("cpu"))
+    assert "all backbone keys matched" in capsys.readouterr().out
+    for k, v in src.state_dict().items():
+        assert torch.equal(c["model"].state_dict()[k], v), k
+    torch.save({"model": build_model("c3d").state_dict()}, tmp_path / "c3d.pth")
+    with pytest.raises(Exception, match="c3d"):
+        T.build_components(parse(_tiny("memory") + ["--init", str(tmp_path / "c3d.pth")]), 8, torch.device("cpu"))

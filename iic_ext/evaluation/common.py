@@ -21,10 +21,11 @@ DEFAULT_SSL_CHECKPOINT = os.path.join("runs", "r3d_res_repeat_synthetic", "last.
 ORIGINAL_EVAL = dict(model="r3d", clip_len=16, resize=[128, 171], crop_size=112, clips_per_video=10,
                      workers=4, num_videos=None, num_test_videos=None)
 # The synthetic demo: the geometry and training set of the training demo preset (8 frames, 16x16 crops
-# of 20x20 frames, 128 training videos; taken from the checkpoint when it records them), the 100 test
-# videos of the synthetic test split, and the original 10 clips per video.
+# of 20x20 frames, 128 training videos; taken from the checkpoint when it records them), 200 test
+# videos of the synthetic test split (one video is half a point of top-k), and the original 10 clips
+# per video.
 SYNTHETIC_EVAL = dict(model="r3d", clip_len=8, resize=[20, 20], crop_size=16, clips_per_video=10,
-                      workers=0, num_videos=128, num_test_videos=100)
+                      workers=0, num_videos=128, num_test_videos=200)
 # The synthetic training set is generated from the training seed; the demo trains with 632.
 SYNTHETIC_DATA_SEED = 632
 

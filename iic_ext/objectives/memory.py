@@ -74,8 +74,11 @@ class MemoryObjective(Objective):
             with torch.no_grad():
                 s_l, s_ab = nce_ops.iic_scores(l.detach(), ab.detach(), *banks, idx, 1.0 / T)
         self._pending = (index, l.detach(), ab.detach(), None if neg is None else neg.detach())
+        # the positive's own row drawn again among the K negatives is a copy of the positive, not a rival
+        copies = torch.zeros(s_l.shape, dtype=torch.bool, device=s_l.device)
+        copies[:, 1:idx.shape[1]] = idx[:, 1:] == idx[:, :1]
         metrics = {"loss_1": loss_1.detach(), "loss_2": loss_2.detach(), "prob_1": prob_1, "prob_2": prob_2,
-                   "top1_1": top1(s_l), "top1_2": top1(s_ab),
+                   "top1_1": top1(s_l, exclude=copies), "top1_2": top1(s_ab, exclude=copies),
                    "chance": torch.tensor(1.0 / s_l.shape[1])}
         return loss_1 + loss_2, metrics
 
