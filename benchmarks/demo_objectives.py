@@ -24,6 +24,7 @@ CONFIGS = [
     ("memory", "memory (default)", []),
     ("memory-none", "memory, --neg none (CMC)", ["--neg", "none"]),
     ("moco", "moco", ["--objective", "moco"]),
+    ("moco-m999", "moco, --moco-m 0.999", ["--objective", "moco", "--moco-m", "0.999"]),
     ("simclr", "simclr", ["--objective", "simclr"]),
     ("original", "memory, the original recipe's contrast", [
         "--no-normalize-features", "--nce-t", "0.07", "--nce-k", "1024", "--lr", "0.01", "--lr-schedule",
@@ -39,6 +40,9 @@ def get_args_parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[632, 1, 2], help="seeds of the default objective")
     p.add_argument("--other-seeds", type=int, nargs="+", default=[632], help="seeds of the other rows")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
+    p.add_argument("--note", default="", help="a line on how the runs were made (machine, threads), for the table")
+    p.add_argument("--only", nargs="+", default=None, metavar="ROW",
+                   help=f"rows to run, from {[c[0] for c in CONFIGS]} (default: all)")
     return p
 
 
@@ -76,6 +80,8 @@ def main(args):
         env["OMP_NUM_THREADS"] = str(args.threads)
     rows = []
     for i, (slug, name, flags) in enumerate(CONFIGS):
+        if args.only and slug not in args.only:
+            continue
         for seed in (args.seeds if i == 0 else args.other_seeds):
             folder = os.path.join(args.runs_dir, f"{slug}_s{seed}")
             epochs = _finished(folder)
@@ -99,20 +105,20 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "demo-objectives.json"), "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1)
-    md = markdown(rows)
+    md = markdown(rows, args.note)
     with open(os.path.join(args.out, "demo-objectives.md"), "w", encoding="utf-8") as f:
         f.write(md)
     print(md)
     return rows
 
 
-def markdown(rows):
+def markdown(rows, note=""):
     lines = ["# The demo's objectives on the synthetic data", "",
              "`python -m benchmarks.demo_objectives`: each row is `python -m iic_ext.train` (demo preset: "
              "R3D-10, res + repeat, 40 epochs on 128 videos of 8x16x16 clips) with the flags shown, then "
              "`python -m iic_ext.retrieve` (residual view, 200 test against 128 training videos, chance 10%) "
              "of its checkpoint and of random initialisation with the same seed (which also generates the "
-             "videos).", "",
+             "videos). Training: the sum of the run's epoch times." + (f" {note}" if note else ""), "",
              "| objective | seed | final loss (uniform) | contrastive top-1: first → last epoch (chance) | "
              "retrieval top-1 / 5 / 10 | random init top-1 / 5 / 10 | training |",
              "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -68,18 +68,20 @@ DEMO_REASONS = {
 # simclr: SimCLR's MLP head and T = 0.1 (its negatives are the batch: no K).
 OBJECTIVE_PRESETS = {
     "original": {
-        "moco": dict(nce_k=16384, nce_t=0.2, proj_dim=128, normalize_features=True),
+        "moco": dict(nce_k=16384, nce_t=0.2, proj_dim=128, normalize_features=True, moco_m=0.999),
         "simclr": dict(nce_k=None, nce_t=0.1, proj_dim=128, normalize_features=True),
     },
     "demo": {
-        # T 0.07 (MoCo v1, CMC's MoCo): on the demo data it ranked the positive first more often than 0.2
-        "moco": dict(nce_k=128, nce_t=0.07, proj_dim=128, normalize_features=True),
+        # moco: T 0.07 (MoCo v1, CMC's MoCo); m 0.99, a key encoder averaged over ~100 steps (0.999
+        # averages over ~1000, more than the whole 320-step run, so its keys would stay close to the
+        # random initialisation's)
+        "moco": dict(nce_k=128, nce_t=0.07, proj_dim=128, normalize_features=True, moco_m=0.99),
         "simclr": dict(nce_k=None, nce_t=0.2, proj_dim=128, normalize_features=True),
     },
 }
 
 # Options whose default depends on the dataset and the objective (filled by resolve_args).
-_PRESET_KEYS = tuple(ORIGINAL_PRESET) + ("proj_dim",)
+_PRESET_KEYS = tuple(ORIGINAL_PRESET) + ("proj_dim", "moco_m")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -119,8 +121,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--nce-t", "--nce_t", dest="nce_t", type=float, default=None, help="temperature")
     g.add_argument("--nce-m", "--nce_m", dest="nce_m", type=float, default=None,
                    help="memory: momentum of the bank update")
-    g.add_argument("--moco-m", "--moco_m", dest="moco_m", type=float, default=0.999,
-                   help="moco: momentum of the key encoder's moving average")
+    g.add_argument("--moco-m", "--moco_m", dest="moco_m", type=float, default=None,
+                   help="moco: momentum of the key encoder's moving average (0.999; demo 0.99)")
     g.add_argument("--proj-dim", "--proj_dim", dest="proj_dim", type=int, default=None,
                    help="output size of an MLP projection head (0: none; default 0 for memory, as the "
                         "original, 128 for moco and simclr)")
@@ -175,6 +177,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.preset = "demo" if args.dataset == "synthetic" else "original"
     objective = getattr(args, "objective", None) or preset["objective"]
     preset["proj_dim"] = 0
+    preset["moco_m"] = 0.999
     preset.update(OBJECTIVE_PRESETS[args.preset].get(objective, {}))
     preset["objective"] = objective
     filled = []
