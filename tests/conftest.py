@@ -35,6 +35,17 @@ TINY_TRAIN = ["--dataset", "synthetic", "--num-videos", "8", "--clip-len", "4", 
 LOW_PRECISION_FACTOR = 2.0
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Intra-op threads set to one for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny convolutions and small items gain nothing from threads, and on a busy machine the threads'
+    barriers dominate."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def at_thread_counts(fn, counts):
     """[fn() run with torch.set_num_threads(n) for n in counts]; the caller's thread count is restored."""
     threads = torch.get_num_threads()

@@ -18,13 +18,7 @@ needs_splits = pytest.mark.skipif(not os.path.isdir(SPLITS), reason=f"real split
 T = 8  # clip length in the tiny datasets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The items are small; intra-op threads only add overhead (DataLoader workers also use one).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- split files

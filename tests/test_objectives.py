@@ -11,12 +11,7 @@ from iic_ext.objectives import (MemoryObjective, MoCoObjective, ProjectionHead, 
 from iic_ext.ops import reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unit(*shape, g, dtype=torch.float64):

@@ -22,13 +22,7 @@ ORIGINAL_OPT = ["--lr", "0.01", "--momentum", "0.9", "--weight-decay", "1e-4", "
                 "--nce-t", "0.07", "--nce-m", "0.5", "--no-normalize-features"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions gain nothing from threads, and on a busy machine thread barriers dominate.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def parse(argv, tmp_path=None):

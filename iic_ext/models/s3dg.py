@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _triple
 
-from .i3d import MaxPool3dSamePadding
+from .i3d import _MIXED as I3D_MIXED, MaxPool3dSamePadding
 
 __all__ = ["STConv3D", "SelfGating", "InceptionBlock", "S3DG"]
 
@@ -108,18 +108,8 @@ class InceptionBlock(nn.Module):
         return torch.cat([b0, b1, b2, b3], 1)
 
 
-# The Inception-v1 widths, as in I3D.
-_MIXED: Tuple[Tuple[str, int, Tuple[int, ...]], ...] = (
-    ("mixed_3b", 192, (64, 96, 128, 16, 32, 32)),
-    ("mixed_3c", 256, (128, 128, 192, 32, 96, 64)),
-    ("mixed_4b", 480, (192, 96, 208, 16, 48, 64)),
-    ("mixed_4c", 512, (160, 112, 224, 24, 64, 64)),
-    ("mixed_4d", 512, (128, 128, 256, 24, 64, 64)),
-    ("mixed_4e", 512, (112, 144, 288, 32, 64, 64)),
-    ("mixed_4f", 528, (256, 160, 320, 32, 128, 128)),
-    ("mixed_5b", 832, (256, 160, 320, 32, 128, 128)),
-    ("mixed_5c", 832, (384, 192, 384, 48, 128, 128)),
-)
+# The Inception-v1 widths, as in I3D, under the S3D port's lower-case names.
+_MIXED: Tuple[Tuple[str, int, Tuple[int, ...]], ...] = tuple((name.lower(), c, w) for name, c, w in I3D_MIXED)
 
 
 class S3DG(nn.Module):
