@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import time
 from typing import Any, Dict, List, Optional
 
@@ -37,6 +36,7 @@ from .evaluation.features import clip_input, needed_modalities
 from .evaluation.io import write_json
 from .models.registry import MODEL_NAMES, MODELS, model_spec
 from .utils.checkpoint import load_checkpoint, save_checkpoint
+from .utils.misc import plain_args, seed_everything
 
 __all__ = ["get_args_parser", "resolve_args", "main", "run_split", "train_one_epoch", "evaluate",
            "test_videos", "validation_size", "cli", "ORIGINAL_FT", "DEMO_FT"]
@@ -164,12 +164,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 # ---- building blocks --------------------------------------------------------------------------------
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def make_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     """SGD with the original two groups: conv4, conv5 and the classifier at ``ft_lr``, the rest at ``lr``.
 
@@ -294,16 +288,6 @@ def _restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _plain_args(args) -> dict:
-    out = {}
-    for k, v in vars(args).items():
-        if k.startswith("_"):
-            continue
-        out[k] = v if isinstance(v, (int, float, str, bool, type(None))) else \
-            list(v) if isinstance(v, (list, tuple)) else str(v)
-    return out
-
-
 def _loader(dataset, args, device, shuffle: bool, epoch: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, generator=g if shuffle else None,
@@ -316,7 +300,7 @@ def run_split(args, split: int, device, out: str) -> Dict[str, Any]:
     modalities = needed_modalities(args.modality)
     test_set = build_eval_dataset(args, train=False, modalities=modalities, split=split)
     num_classes = test_set.num_classes
-    _seed_all(args.seed)
+    seed_everything(args.seed)
     model = build_backbone(args.model, with_classifier=True, num_classes=num_classes).to(device)
     history: List[Dict[str, float]] = []
     best_path = os.path.join(out, "best.pth")
@@ -378,13 +362,13 @@ def run_split(args, split: int, device, out: str) -> Dict[str, Any]:
             if va["loss"] < best["val_loss"]:
                 best = {"val_loss": va["loss"], "epoch": epoch}
                 _save({"version": CHECKPOINT_VERSION, "model": model.state_dict(), "epoch": epoch,
-                       "val_loss": va["loss"], "args": _plain_args(args), "num_classes": num_classes}, best_path)
+                       "val_loss": va["loss"], "args": plain_args(args), "num_classes": num_classes}, best_path)
             if args.save_freq and epoch % args.save_freq == 0:
                 _save({"version": CHECKPOINT_VERSION, "model": model.state_dict(), "epoch": epoch,
                        "num_classes": num_classes}, os.path.join(out, f"model_{epoch}.pth"))
             _save({"version": CHECKPOINT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                   "rng": _rng_state(), "args": _plain_args(args), "num_classes": num_classes}, last_path)
+                   "rng": _rng_state(), "args": plain_args(args), "num_classes": num_classes}, last_path)
         if not os.path.isfile(best_path):
             raise RuntimeError(f"{out}: no best.pth (no epoch was run?)")
         model.load_state_dict(load_checkpoint(best_path, required=("model",))["model"])
@@ -439,7 +423,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     summary: Dict[str, Any] = {
         "test_acc": float(np.mean(accs)), "test_acc_std": float(np.std(accs)) if len(accs) > 1 else 0.0,
         "splits": {s: {k: v for k, v in r.items() if k != "history"} for s, r in per_split.items()},
-        "settings": {**_plain_args(args), "device": str(device), "weights": init,
+        "settings": {**plain_args(args), "device": str(device), "weights": init,
                      "seconds": round(time.time() - t0, 2)}}
     if len(accs) > 1:
         print(f"Mean video accuracy over splits {args.splits}: {100 * summary['test_acc']:.2f}% "

@@ -30,7 +30,8 @@ from .objectives import OBJECTIVES, build_objective
 from .ops import unchecked_indices
 from .utils.checkpoint import load_checkpoint, save_checkpoint
 from .utils.logging import AverageMeter, MetricWriter
-from .utils.misc import EpochSampler, capture_rng_state, epoch_seed, restore_rng_state, seed_everything
+from .utils.misc import (EpochSampler, capture_rng_state, epoch_seed, plain, plain_args, restore_rng_state,
+                         seed_everything, select_device)
 
 __all__ = ["get_args_parser", "resolve_args", "main", "train_one_epoch", "train_step", "build_components", "cli",
            "ORIGINAL_PRESET", "DEMO_PRESET"]
@@ -256,14 +257,6 @@ def _check_args(args, filled) -> None:
 
 
 # ---- building blocks --------------------------------------------------------------------------------
-
-
-def select_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def build_train_set(args):
@@ -514,16 +507,6 @@ def build_components(args, n_data: int, device) -> dict:
 # ---- checkpoints ------------------------------------------------------------------------------------
 
 
-def _plain(value):
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return str(value)
-
-
 def make_checkpoint(model, objective, optimizer, scheduler, scaler, epoch, global_step, args, generators):
     """The checkpoint of a run: ``model`` is the trained backbone's plain state dict (the query encoder
     for moco), ``objective`` its name and ``contrast`` its whole state (for memory, the original's
@@ -538,7 +521,7 @@ def make_checkpoint(model, objective, optimizer, scheduler, scaler, epoch, globa
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
         "global_step": global_step,
-        "args": _plain(vars(args)),
+        "args": plain_args(args),
         "rng": capture_rng_state(**generators),
         "data": {"seed": args.seed, "next_epoch": epoch + 1},
     }
@@ -550,7 +533,7 @@ _RESUME_MUST_MATCH = ("dataset", "split", "objective", "model", "modality", "neg
 
 def _check_resume_args(saved: dict, args, path: str) -> None:
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(args, k)!r}" for k in _RESUME_MUST_MATCH
-             if k in saved and _plain(getattr(args, k)) != saved[k]]
+             if k in saved and plain(getattr(args, k)) != saved[k]]
     if diffs:
         raise ValueError(f"{path}: cannot resume with different settings ({'; '.join(diffs)})")
     if "objective" not in saved and args.objective != "memory":  # written before other objectives existed
@@ -558,7 +541,7 @@ def _check_resume_args(saved: dict, args, path: str) -> None:
                          f"now {args.objective!r})")
     soft = [k for k in ("lr", "epochs", "nce_t", "nce_m", "moco_m", "momentum", "weight_decay", "seed", "lr_schedule",
                         "warmup_epochs", "normalize_features", "amp")
-            if k in saved and _plain(getattr(args, k)) != saved[k]]
+            if k in saved and plain(getattr(args, k)) != saved[k]]
     if soft:
         warnings.warn(f"resuming {path} with changed settings {soft}: the run will not match an "
                       f"uninterrupted one", stacklevel=2)
@@ -664,7 +647,7 @@ def main(args: argparse.Namespace, step_callback=None) -> dict:
     if not writer.has_tensorboard:
         print("tensorboard is not installed: no event files (metrics.jsonl is written)")
     with open(os.path.join(args.out, "args.json"), "w", encoding="utf-8") as f:
-        json.dump(_plain(vars(args)), f, indent=1)
+        json.dump(plain_args(args), f, indent=1)
 
     history = []
     last = os.path.join(args.out, "last.pth")

@@ -10,6 +10,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from ..utils.misc import select_device  # noqa: F401  (re-exported: one device selection for every command)
+
 __all__ = ["DEFAULT_SSL_CHECKPOINT", "ORIGINAL_EVAL", "SYNTHETIC_EVAL", "str2bool", "select_device",
            "checkpoint_args", "resolve_common", "build_eval_dataset", "build_backbone", "report_keys",
            "describe_init", "describe_departures", "load_backbone_weights", "feature_description"]
@@ -41,19 +43,6 @@ def str2bool(value: Any) -> bool:
     if v in ("false", "0", "no", "n", "off", "none"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def select_device(name: Optional[str], gpu: Optional[int] = None) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; ``gpu`` picks the CUDA index."""
-    name = (name or "auto").lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {name}: no CUDA device is available")
-        if name == "cuda" and gpu is not None:
-            name = f"cuda:{gpu}"
-    return torch.device(name)
 
 
 def checkpoint_args(path: Optional[str]) -> Dict[str, Any]:

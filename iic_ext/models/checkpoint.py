@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils.checkpoint import CheckpointError
+
 __all__ = ["CheckpointError", "load_weights", "extract_state_dict", "classifier_prefix"]
 
 logger = logging.getLogger(__name__)
@@ -30,8 +32,6 @@ _NESTED_KEYS = ("model", "state_dict", "model_state_dict", "net")
 _CLASSIFIER_PREFIX = "linear."
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file could not be read or does not fit the model."""
 
 
 def classifier_prefix(model: nn.Module) -> str:

@@ -20,16 +20,24 @@ TMP_PREFIX = ".tmp-"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, unreadable or lacks required entries.
+    """A checkpoint file is missing, truncated, unreadable, lacks required entries, or does not fit the
+    model it is loaded into: the one error type of every command's checkpoint reading.
+
+    ``CheckpointError(path, problem)`` reads ``"<path>: <problem>"``; ``CheckpointError(message)`` is a
+    message that names its source itself.
 
     Attributes:
-        path (str): the file.
+        path (str or None): the file, when given separately.
+        problem (str): what is wrong.
     """
 
-    def __init__(self, path: str | os.PathLike, problem: str):
-        self.path = os.fspath(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+    def __init__(self, path_or_message: str | os.PathLike, problem: Optional[str] = None):
+        if problem is None:
+            self.path, self.problem = None, str(path_or_message)
+            super().__init__(self.problem)
+        else:
+            self.path, self.problem = os.fspath(path_or_message), problem
+            super().__init__(f"{self.path}: {problem}")
 
 
 def _fsync_dir(folder: str) -> None:

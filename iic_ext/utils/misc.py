@@ -1,4 +1,5 @@
-"""Seeding, RNG state capture/restore and the per-epoch seeded sampler."""
+"""What every command shares: device selection, seeding, RNG state capture/restore, the per-epoch
+seeded sampler and options as plain values."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,38 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["seed_everything", "epoch_seed", "EpochSampler", "capture_rng_state", "restore_rng_state"]
+__all__ = ["select_device", "seed_everything", "epoch_seed", "EpochSampler", "capture_rng_state", "restore_rng_state",
+           "plain", "plain_args"]
+
+
+def select_device(name: Optional[str], gpu: Optional[int] = None) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; ``gpu`` picks the CUDA index."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {name}: no CUDA device is available")
+        if name == "cuda" and gpu is not None:
+            name = f"cuda:{gpu}"
+    return torch.device(name)
+
+
+def plain(value):
+    """``value`` as JSON-able Python values (lists for tuples, strings for anything else)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def plain_args(args) -> dict:
+    """A command's options (an ``argparse.Namespace``) as plain values, private ``_`` entries left out:
+    what checkpoints, ``args.json`` and result files record."""
+    return {k: plain(v) for k, v in vars(args).items() if not k.startswith("_")}
 
 
 def seed_everything(seed: int) -> None:
