@@ -95,7 +95,7 @@ def test_moco_matches_reference_values_and_gradients(filled, intra_neg):
     if intra_neg:
         obj.queue_neg.copy_(_unit(K, D, g=g))
     obj.queue_filled.fill_(filled)
-    obj._filled = None
+    obj._host = None
     q1, q2 = (torch.randn(B, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     k1, k2, kn = _unit(B, D, g=g), _unit(B, D, g=g), _unit(B, D, g=g)
     n = nn.functional.normalize

@@ -79,7 +79,7 @@ class MoCoObjective(Objective):
             self.queue_neg = None
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long, device=device))
-        self._filled = None  # host copy of queue_filled (a step does not wait on the device for it)
+        self._host = None  # host copies (ptr, filled) of the queue buffers: a step does not wait on the device
 
     @property
     def queue_size(self) -> int:
@@ -97,10 +97,14 @@ class MoCoObjective(Objective):
             kn = self._key_embed(negative) if (negative is not None and self.intra_neg) else None
         return StepFeatures(q1, q2, None, keys=(k1, k2, kn))
 
+    def _host_state(self):
+        if self._host is None:
+            self._host = (int(self.queue_ptr.item()), int(self.queue_filled.item()))
+        return self._host
+
     def filled(self) -> int:
-        if self._filled is None:
-            self._filled = int(self.queue_filled.item())
-        return self._filled
+        """Queue slots holding keys (all of them once the queues have wrapped)."""
+        return self._host_state()[1]
 
     def forward(self, features: StepFeatures, index: torch.Tensor):
         if features.keys is None:
@@ -136,18 +140,19 @@ class MoCoObjective(Objective):
         k1, k2, kn = self._pending
         self._pending = None
         B, K = k1.shape[0], self.queue_size
-        slots = (int(self.queue_ptr.item()) + torch.arange(B, device=k1.device)) % K
+        ptr, filled = self._host_state()
+        slots = (ptr + torch.arange(B, device=k1.device)) % K
         for queue, keys in ((self.queue_1, k1), (self.queue_2, k2), (self.queue_neg, kn)):
             if queue is not None and keys is not None:
                 queue.index_copy_(0, slots, keys.to(queue.dtype))
-        self.queue_ptr.fill_((int(self.queue_ptr.item()) + B) % K)
-        self._filled = min(self.filled() + B, K)
-        self.queue_filled.fill_(self._filled)
+        self._host = ((ptr + B) % K, min(filled + B, K))
+        self.queue_ptr.fill_(self._host[0])
+        self.queue_filled.fill_(self._host[1])
 
     def load_checkpoint_state(self, state: dict) -> None:
         super().load_checkpoint_state(state)
-        self._filled = None
+        self._host = None
 
-    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() replace the buffers: re-read the fill count
-        self._filled = None
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda() replace the buffers: re-read them
+        self._host = None
         return super()._apply(fn, *args, **kwargs)
