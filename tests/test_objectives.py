@@ -384,3 +384,11 @@ def test_init_starts_from_given_backbone_weights(tmp_path, capsys):
     torch.save({"model": build_model("c3d").state_dict()}, tmp_path / "c3d.pth")
     with pytest.raises(Exception, match="c3d"):
         T.build_components(parse(_tiny("memory") + ["--init", str(tmp_path / "c3d.pth")]), 8, torch.device("cpu"))
+
+
+def test_demo_banner_lists_each_objectives_departures_with_reasons():
+    text = T._describe(parse(["--objective", "moco"]), 128, 8, "cpu")
+    assert "moco_m=0.99" in text and "nce_k=128" in text and "nce_t=0.07" in text
+    assert "one epoch of the 128 videos" in text and "K = N - 1" not in text
+    text = T._describe(parse([]), 128, 8, "cpu")
+    assert "nce_k=127" in text and "K = N - 1" in text and "moco_m" not in text
