@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Objective", "StepFeatures", "ProjectionHead", "top1", "positive_probability"]
+__all__ = ["Objective", "StepFeatures", "ProjectionHead", "top1", "positive_probability", "softmax_metrics"]
 
 
 @dataclass
@@ -154,3 +154,13 @@ def top1(logits: torch.Tensor, target: Optional[torch.Tensor] = None,
 def positive_probability(per_sample_loss: torch.Tensor) -> torch.Tensor:
     """Mean softmax probability of the positive from per-sample cross-entropies ``Tensor[B]``."""
     return torch.exp(-per_sample_loss.detach().float()).mean()
+
+
+@torch.no_grad()
+def softmax_metrics(per_1: torch.Tensor, per_2: torch.Tensor, top1_1: torch.Tensor, top1_2: torch.Tensor,
+                    candidates: int) -> Dict[str, torch.Tensor]:
+    """The metrics of :meth:`Objective.forward` from the two views' per-sample cross-entropies
+    ``Tensor[B]``, their top-1 and the number of candidates each positive is ranked among."""
+    return {"loss_1": per_1.detach().mean(), "loss_2": per_2.detach().mean(),
+            "prob_1": positive_probability(per_1), "prob_2": positive_probability(per_2),
+            "top1_1": top1_1, "top1_2": top1_2, "chance": torch.tensor(1.0 / candidates)}

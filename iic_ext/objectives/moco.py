@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Objective, StepFeatures, top1
+from .base import Objective, StepFeatures, softmax_metrics, top1
 
 __all__ = ["MoCoObjective", "moco_logits"]
 
@@ -121,11 +121,7 @@ class MoCoObjective(Objective):
         per_1 = F.cross_entropy(logits_1, zero, reduction="none")
         per_2 = F.cross_entropy(logits_2, zero, reduction="none")
         self._pending = (k1, k2, kn)
-        with torch.no_grad():
-            metrics = {"loss_1": per_1.mean().detach(), "loss_2": per_2.mean().detach(),
-                       "prob_1": torch.exp(-per_1).mean(), "prob_2": torch.exp(-per_2).mean(),
-                       "top1_1": top1(logits_1), "top1_2": top1(logits_2),
-                       "chance": torch.tensor(1.0 / logits_1.shape[1])}
+        metrics = softmax_metrics(per_1, per_2, top1(logits_1), top1(logits_2), logits_1.shape[1])
         return per_1.mean() + per_2.mean(), metrics
 
     @torch.no_grad()

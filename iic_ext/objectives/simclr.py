@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Objective, StepFeatures, top1
+from .base import Objective, StepFeatures, softmax_metrics, top1
 
 __all__ = ["SimCLRObjective", "simclr_logits"]
 
@@ -65,9 +65,7 @@ class SimCLRObjective(Objective):
         logits, target = simclr_logits(z1, z2, zn if self.intra_neg else None, self.inv_t)
         per = F.cross_entropy(logits, target, reduction="none")
         per_1, per_2 = per[:B], per[B:]
-        with torch.no_grad():
-            metrics = {"loss_1": per_1.mean().detach(), "loss_2": per_2.mean().detach(),
-                       "prob_1": torch.exp(-per_1).mean(), "prob_2": torch.exp(-per_2).mean(),
-                       "top1_1": top1(logits[:B], target[:B]), "top1_2": top1(logits[B:], target[B:]),
-                       "chance": torch.tensor(1.0 / (logits.shape[1] - 1))}
+        # every column but the anchor's own is a candidate
+        metrics = softmax_metrics(per_1, per_2, top1(logits[:B], target[:B]), top1(logits[B:], target[B:]),
+                                  logits.shape[1] - 1)
         return per_1.mean() + per_2.mean(), metrics
